@@ -1,0 +1,91 @@
+"""The command line: ``python train.py COMMAND [--config FILE.yaml] [--key value ...] [--print_config]``.
+
+Each command is a plain typed function in one of the packages; jsonargparse builds its parser from the signature
+and docstring, so ``--help`` documents every option, ``--config`` reads YAML, dotted flags override nested
+fields (``--probe.l2 0.01``), and ``--print_config`` prints the resolved config. Merge order: defaults < YAML <
+command line. Commands are imported only when chosen, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from headlab.errors import HeadlabError
+
+# command name -> ("module:function", one-line description)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "cache": ("data.cache_command:cache", "cache every head's output of a Hugging Face model over a labelled dataset"),
+    "probe": ("probes.command:probe", "train a linear probe for every (layer, head) of a head cache"),
+    "toy": ("toymodels.command:toy", "train a toy transformer on a synthetic task and map its head functions"),
+    "detect": ("toymodels.command:detect", "score every head of a saved model with the function detectors"),
+    "sweep": ("headlab.sweep:sweep", "search hyperparameters of a probe or toy run (Optuna)"),
+    "demo": ("headlab.demo:demo", "the whole pipeline on built-in defaults, offline"),
+}
+
+
+def resolve(command: str) -> Callable:
+    target, _ = COMMANDS[command]
+    module_name, function_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and module_name.startswith(error.name):
+            raise HeadlabError(f"command '{command}' is not available in this version of headlab") from error
+        raise
+    return getattr(module, function_name)
+
+
+def build_parser(command: str):
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    fn = resolve(command)
+    parser = ArgumentParser(
+        prog=f"{os.path.basename(sys.argv[0]) or 'headlab'} {command}",
+        description=COMMANDS[command][1],
+        default_config_files=[],
+        exit_on_error=True,
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
+    parser.add_function_arguments(fn, fail_untyped=True)
+    return parser, fn
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: python train.py COMMAND [--config FILE.yaml] [options] [--print_config] [--help]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command '{command}'; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        parser, fn = build_parser(command)
+        cfg = parser.parse_args(rest)
+        kwargs = parser.instantiate_classes(cfg).as_dict()
+        kwargs.pop("config", None)
+        kwargs.pop("__path__", None)
+        fn(**kwargs)
+    except HeadlabError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: completed work is on disk; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())
