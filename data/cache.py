@@ -9,6 +9,7 @@ Layout of a cache directory::
     rows/example.npy       the dataset example each row came from
     rows/token.npy         the token position each row was read at (-1 for ``mean``)
     shards/00000.npy ...   activations ``[rows, layers, heads, d_head]``, row-major, float16 by default
+    shards/00000.rows.npy  ``[rows, 2]``: example and token index of each row of that shard
 
 Each shard is written to a temporary name and renamed, and the manifest is rewritten (atomically) after every
 shard, so a killed run resumes from the last complete shard. The cache is content addressed: its ``key`` hashes
@@ -277,7 +278,7 @@ class CacheWriter:
 
     ``identity`` holds everything that determines the cache's contents; its hash is the cache key. ``header`` adds
     descriptive fields to the manifest (layers, n_heads, d_head, dtype, label schema, ...). Row metadata and labels
-    are written first (they are small and known up front); then :meth:`add_shard` once per shard, in order.
+    are written by :meth:`finish`, after :meth:`add_shard` has been called once per shard, in order.
     """
 
     def __init__(self, path: str | Path, identity: Mapping[str, Any], header: Mapping[str, Any]):
@@ -322,7 +323,7 @@ class CacheWriter:
         shard_dir = self.path / "shards"
         if shard_dir.exists():
             for file in shard_dir.iterdir():
-                if f"shards/{file.name}" not in listed:
+                if f"shards/{file.name.replace('.rows.npy', '.npy')}" not in listed:
                     file.unlink()
         for shard in self.manifest["shards"]:
             if not (self.path / shard["file"]).exists():
@@ -331,22 +332,14 @@ class CacheWriter:
                     "delete the directory and run the cache command again"
                 )
 
-    def write_rows(self, labels: Mapping[str, np.ndarray], example: np.ndarray, token: np.ndarray,
-                   extra: Mapping[str, np.ndarray] | None = None) -> None:
-        """Write the per-row label columns and row metadata (before the shards; skipped when resuming)."""
-        if self.manifest["shards"]:
-            return
-        for name, values in {**labels, **(extra or {})}.items():
-            _save_npy(self.path / "labels" / f"{name}.npy", np.asarray(values))
-        _save_npy(self.path / "rows" / "example.npy", np.asarray(example, dtype=np.int64))
-        _save_npy(self.path / "rows" / "token.npy", np.asarray(token, dtype=np.int64))
-        self.manifest["extra_columns"] = list(extra or {})
-        atomic_write_json(self.path / MANIFEST, self.manifest)
+    def add_shard(self, activations: np.ndarray, example: np.ndarray, token: np.ndarray, end_example: int) -> None:
+        """Append one shard ``[rows, layers, heads, d_head]`` covering dataset examples up to ``end_example``.
 
-    def add_shard(self, activations: np.ndarray, end_example: int) -> None:
-        """Append one shard ``[rows, layers, heads, d_head]`` covering examples up to ``end_example``."""
+        ``example`` and ``token`` (``[rows]``) say which example and token position each row was read at.
+        """
         index = len(self.manifest["shards"])
         name = f"shards/{index:05d}.npy"
+        _save_npy(self.path / f"shards/{index:05d}.rows.npy", np.stack([example, token], 1).astype(np.int64))
         payload = _npy_bytes(activations)
         digest = sha256_of_array(activations)
         atomic_write_bytes(self.path / name, payload)
@@ -360,7 +353,20 @@ class CacheWriter:
         self.manifest["rows"] = int(sum(s["rows"] for s in self.manifest["shards"]))
         atomic_write_json(self.path / MANIFEST, self.manifest)
 
-    def finish(self, **fields: Any) -> HeadCache:
+    def finish(self, labels: Mapping[str, np.ndarray], extra: Mapping[str, np.ndarray] | None = None,
+               **fields: Any) -> HeadCache:
+        """Write the per-row label columns (``labels[column][example]`` of each row) and mark the cache complete.
+
+        ``labels`` and ``extra`` (e.g. ``group``) hold one value per dataset example.
+        """
+        meta = [np.load(self.path / s["file"].replace(".npy", ".rows.npy")) for s in self.manifest["shards"]]
+        rows = np.concatenate(meta) if meta else np.empty((0, 2), np.int64)
+        example, token = rows[:, 0], rows[:, 1]
+        for name, values in {**labels, **(extra or {})}.items():
+            _save_npy(self.path / "labels" / f"{name}.npy", np.asarray(values)[example])
+        _save_npy(self.path / "rows" / "example.npy", example)
+        _save_npy(self.path / "rows" / "token.npy", token)
+        self.manifest["extra_columns"] = list(extra or {})
         self.manifest.update(fields)
         self.manifest["complete"] = True
         atomic_write_json(self.path / MANIFEST, self.manifest)
@@ -403,12 +409,11 @@ def write_cache(
     identity = {"random": hashlib.sha256(np.random.bytes(16)).hexdigest()} if model is None else dict(model)
     writer = CacheWriter(path, identity, header)
     extra = {"group": np.asarray(list(groups))} if groups is not None else None
-    n = rows_hint if rows_hint is not None else first.shape[0]
-    writer.write_rows(label_arrays, np.arange(n), np.full(n, -1), extra)
     done = 0
     for shard in [first, *shards]:
-        done += shard.shape[0]
-        writer.add_shard(shard, end_example=done)
+        n = shard.shape[0]
+        writer.add_shard(shard, np.arange(done, done + n), np.full(n, -1), end_example=done + n)
+        done += n
     if rows_hint is not None and done != rows_hint:
         raise HeadlabError(f"write_cache got {done} activation rows but {rows_hint} labels; pass one label per row")
-    return writer.finish()
+    return writer.finish(label_arrays, extra)

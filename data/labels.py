@@ -53,9 +53,7 @@ def infer_schema(name: str, values: np.ndarray, kind: LabelKind = "auto") -> dic
     ints (up to 50 distinct values) are classes, sorted. ``kind`` overrides the guess."""
     values = np.asarray(values)
     if kind == "auto":
-        if values.dtype.kind == "f":
-            kind = "regression"
-        elif values.dtype.kind in "iu" and len(np.unique(values)) > _MAX_AUTO_CLASSES:
+        if values.dtype.kind == "f" or (values.dtype.kind in "iu" and len(np.unique(values)) > _MAX_AUTO_CLASSES):
             kind = "regression"
         else:
             kind = "binary" if len(np.unique(values)) <= 2 else "multiclass"

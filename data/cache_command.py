@@ -1,0 +1,210 @@
+"""``python train.py cache``: run a Hugging Face model over a labelled dataset and cache every head's output."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from data.cache import CacheWriter, HeadCache
+from data.capture import HeadCapture, Positions
+from data.datasets import load_dataset
+from data.labels import LabelKind
+from headlab.errors import HeadlabError
+from headlab.models import DType, context_length, load_model, weights_fingerprint
+from headlab.progress import progress
+from headlab.runs import save_config
+
+log = logging.getLogger("headlab")
+
+StoreDType = Literal["float16", "float32"]
+
+
+class _ShardWriterThread:
+    """Writes shards on a background thread so the next forward passes overlap the disk writes and hashing."""
+
+    def __init__(self, writer: CacheWriter):
+        self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.writer.add_shard(*item)
+                except BaseException as error:  # re-raised on the main thread
+                    self.error = error
+
+    def put(self, *item) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(item)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _slug(text: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(text.rstrip("/")).name or text)
+    return keep.strip("-")[:40] or "x"
+
+
+def cache(
+    model: str,
+    dataset: str,
+    out: Path | None = None,
+    positions: Positions = "last",
+    layers: list[int] | None = None,
+    batch_size: int = 32,
+    dtype: StoreDType = "float16",
+    model_dtype: DType = "float32",
+    device: str = "auto",
+    text_field: str = "text",
+    label_field: str | list[str] = "label",
+    mark_field: str = "mark",
+    group_field: str | None = "group",
+    label_kind: LabelKind = "auto",
+    split: str = "train",
+    limit: int | None = None,
+    max_length: int | None = None,
+    shard_mb: float = 256.0,
+) -> Path:
+    """Cache every head's output (the attention output projection's input, per head) over a labelled dataset.
+
+    Re-running with the same inputs reuses the cache; an interrupted run resumes from its last complete shard.
+
+    Args:
+        model: Hugging Face hub id, local save_pretrained directory, or ``minilm`` (the offline built-in encoder).
+        dataset: a .jsonl/.json/.csv/.tsv file, ``hf:NAME[:CONFIG]``, a save_to_disk directory, or a built-in set
+            (``capitals``, ``sentiment``, ``ioi``).
+        out: cache directory (default: runs/cache/<model>-<dataset>-<positions>-<key>).
+        positions: which tokens to read: ``last`` token, ``all`` tokens (one row each), ``mean`` over tokens, or
+            the ``marked`` token(s) of each example.
+        layers: model layers to cache (default all; negative counts from the end).
+        batch_size: examples per forward pass.
+        dtype: storage dtype of the cache (float16 halves the disk and memory of float32).
+        model_dtype: dtype the model runs in.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
+        text_field: dataset field holding the text.
+        label_field: dataset field(s) holding labels; the first is the primary label.
+        mark_field: dataset field holding the character offset(s) of marked tokens.
+        group_field: dataset field grouping examples for grouped splits (used when present).
+        label_kind: ``auto`` infers binary / multiclass / regression from the label values.
+        split: split to read for Hugging Face datasets.
+        limit: read only the first ``limit`` examples.
+        max_length: truncate inputs to this many tokens (default: the model's context length).
+        shard_mb: target size of one shard in MiB (bounds memory while writing).
+    """
+    if batch_size < 1:
+        raise HeadlabError(f"batch_size must be at least 1, got {batch_size}")
+    start_time = time.perf_counter()
+    data = load_dataset(dataset, text_field=text_field, label_field=label_field, mark_field=mark_field,
+                        group_field=group_field, label_kind=label_kind, split=split, limit=limit)
+    if positions == "marked" and data.marks is None:
+        raise HeadlabError(f"--positions marked needs marked tokens, but dataset {dataset} has no '{mark_field}' field")
+    loaded = load_model(model, dtype=model_dtype, device=device)
+    net, tokenizer = loaded.model, loaded.tokenizer
+    limit_tokens = context_length(net, tokenizer)
+    if max_length is not None and limit_tokens is not None and max_length > limit_tokens:
+        raise HeadlabError(f"max_length {max_length} exceeds the model's context of {limit_tokens} tokens")
+    effective_max = max_length or limit_tokens
+    capture = HeadCapture(net, tokenizer, positions=positions, layers=layers, max_length=effective_max,
+                          store_dtype=torch.float16 if dtype == "float16" else torch.float32)
+    identity = {
+        "format": 1,
+        "weights": weights_fingerprint(net),
+        "model_type": net.config.model_type,
+        "model_dtype": model_dtype,
+        "layers": capture.layers,
+        "positions": positions,
+        "dtype": dtype,
+        "max_length": effective_max,
+        "dataset": data.fingerprint(),
+        "fields": data.fields,
+    }
+    header = {
+        "model": {"id": model, "source": loaded.source, "revision": getattr(net.config, "_commit_hash", None),
+                  "weights_sha256_sampled": identity["weights"], "class": type(net).__name__},
+        "architecture": net.config.model_type,
+        "n_layers": int(net.config.num_hidden_layers),
+        "layers": capture.layers,
+        "n_heads": capture.n_heads,
+        "d_head": capture.d_head,
+        "positions": positions,
+        "dtype": dtype,
+        "model_dtype": model_dtype,
+        "max_length": effective_max,
+        "padding_side": getattr(tokenizer, "padding_side", "right"),
+        "dataset": {"spec": dataset, "fingerprint": identity["dataset"], "examples": len(data), **data.fields},
+        "label_schema": data.schema,
+    }
+    if out is None:
+        from data.cache import cache_key
+
+        out = Path("runs/cache") / f"{_slug(model)}-{_slug(dataset)}-{positions}-{cache_key(identity)[:10]}"
+    writer = CacheWriter(out, identity, header)
+    save_config(out, {
+        "model": model, "dataset": dataset, "out": str(out), "positions": positions, "layers": layers,
+        "batch_size": batch_size, "dtype": dtype, "model_dtype": model_dtype, "device": device,
+        "text_field": text_field, "label_field": label_field, "mark_field": mark_field, "group_field": group_field,
+        "label_kind": label_kind, "split": split, "limit": limit, "max_length": max_length, "shard_mb": shard_mb,
+    })
+    if writer.complete:
+        result = HeadCache.open(out)
+        print(f"reused complete cache {out}: {_describe(result)}")
+        return Path(out)
+    start = writer.examples_done
+    if start:
+        log.info("resuming %s from example %d of %d", out, start, len(data))
+    row_bytes = len(capture.layers) * capture.n_heads * capture.d_head * (2 if dtype == "float16" else 4)
+    shard_rows = max(1, int(shard_mb * 2**20 / row_bytes))
+    background = _ShardWriterThread(writer)
+    buffers: list = []
+    buffered = 0
+    rows_written = 0
+    try:
+        with progress(len(data) - start, f"caching {len(capture.layers)}x{capture.n_heads} heads",
+                      unit="rows") as advance:
+            for end, batch in capture.iterate(data.texts, data.marks, batch_size=batch_size, start=start):
+                buffers.append(batch)
+                buffered += len(batch.example)
+                advance(end - start - rows_written if positions in ("last", "mean") else len(batch.example))
+                rows_written = end - start
+                if buffered >= shard_rows or end == len(data):
+                    background.put(
+                        np.concatenate([b.activations for b in buffers]),
+                        np.concatenate([b.example for b in buffers]),
+                        np.concatenate([b.token for b in buffers]),
+                        end,
+                    )
+                    buffers, buffered = [], 0
+    finally:
+        background.close()
+    if capture.truncated:
+        log.warning("%d examples were longer than %d tokens and were truncated to their first %d",
+                    capture.truncated, effective_max, effective_max)
+    extra = {"group": data.groups} if data.groups is not None else None
+    result = writer.finish(data.labels, extra, truncated_examples=capture.truncated)
+    seconds = time.perf_counter() - start_time
+    print(f"cached {_describe(result)} in {seconds:.1f} s ({(len(data) - start) / seconds:.1f} examples/s) -> {out}")
+    return Path(out)
+
+
+def _describe(c: HeadCache) -> str:
+    m = c.manifest
+    size = c.activations.nbytes / 2**20
+    return (f"{c.rows} rows x {len(c.layers)} layers x {c.n_heads} heads x {c.d_head} d_head ({m['dtype']}, "
+            f"{size:.1f} MiB), positions={m['positions']}, labels={list(c.label_schema)}, model={m['model']['id']}, "
+            f"dataset={m['dataset']['spec']}")
