@@ -36,7 +36,8 @@ def register_architecture(model_type: str, pattern: str) -> None:
     """Teach headlab where ``model_type``'s attention output projection lives.
 
     ``pattern`` is a regular expression matched against the end of module names (``model.named_modules()``) with
-    the layer index as its first group, e.g. ``register_architecture("llama", r"layers\\.(\\d+)\\.self_attn\\.o_proj")``.
+    the layer index as its first group, e.g.
+    ``register_architecture("llama", r"layers\\.(\\d+)\\.self_attn\\.o_proj")``.
     """
     re.compile(pattern)
     ARCHITECTURES[model_type] = pattern
@@ -50,8 +51,8 @@ for _model_type, _pattern in {
     "opt": r"layers\.(\d+)\.self_attn\.out_proj",
     "distilbert": r"transformer\.layer\.(\d+)\.attention\.out_lin",
     **dict.fromkeys(
-        ["llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
-         "phi3", "olmo", "olmo2", "granite", "starcoder2", "smollm3"],
+        ["llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+         "gemma3_text", "phi3", "olmo", "olmo2", "granite", "starcoder2", "smollm3"],
         _LLAMA_LIKE,
     ),
     **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "camembert"], _BERT_LIKE),

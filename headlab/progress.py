@@ -12,7 +12,9 @@ log = logging.getLogger("headlab")
 
 
 @contextmanager
-def progress(total: int, description: str, unit: str = "rows", every_s: float = 10.0) -> Iterator[Callable[[int], None]]:
+def progress(
+    total: int, description: str, unit: str = "rows", every_s: float = 10.0
+) -> Iterator[Callable[[int], None]]:
     """Yield ``advance(n)``; shows ``unit``/s. Rich bar when stdout is a terminal, else a log line every ``every_s``."""
     start = time.perf_counter()
     if sys.stdout.isatty():

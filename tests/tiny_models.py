@@ -11,7 +11,10 @@ import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-WORDS = ["the", "capital", "of", "is", "a", "city", "country", "true", "false", "paris", "france", "berlin", "germany", "rome", "italy", "when", "and", "went", "to", "store", "gave", "drink", "mary", "john", "movie", "was", "good", "bad", "not", "very"]
+WORDS = (
+    "the capital of is a city country true false paris france berlin germany rome italy when and went to "
+    "store gave drink mary john movie was good bad not very"
+).split()
 ARCHITECTURES = ("gpt2", "gpt_neox", "llama", "bert")
 
 
