@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from headlab.errors import HeadlabError
-from headlab.runs import atomic_write_bytes, atomic_write_json
+from headlab.runs import atomic_write, atomic_write_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -43,16 +43,10 @@ def sha256_of_array(array: np.ndarray) -> str:
     return hashlib.sha256(memoryview(np.ascontiguousarray(array)).cast("B")).hexdigest()
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    atomic_write_bytes(path, _npy_bytes(array))
+    """Write ``array`` as .npy atomically, streaming it to disk without an in-memory copy."""
+    atomic_write(path, lambda handle: np.lib.format.write_array(handle, np.ascontiguousarray(array),
+                                                                  allow_pickle=False))
 
 
 class ShardedArray:
@@ -340,9 +334,8 @@ class CacheWriter:
         index = len(self.manifest["shards"])
         name = f"shards/{index:05d}.npy"
         _save_npy(self.path / f"shards/{index:05d}.rows.npy", np.stack([example, token], 1).astype(np.int64))
-        payload = _npy_bytes(activations)
         digest = sha256_of_array(activations)
-        atomic_write_bytes(self.path / name, payload)
+        _save_npy(self.path / name, activations)
         self.manifest["shards"].append({
             "file": name,
             "rows": int(activations.shape[0]),

@@ -79,7 +79,7 @@ def cache(
     split: str = "train",
     limit: int | None = None,
     max_length: int | None = None,
-    shard_mb: float = 256.0,
+    shard_mb: float = 64.0,
 ) -> Path:
     """Cache every head's output (the attention output projection's input, per head) over a labelled dataset.
 

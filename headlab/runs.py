@@ -12,29 +12,37 @@ import enum
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import yaml
 
 CONFIG_NAME = "config.yaml"
 
 
-def atomic_write_bytes(path: str | Path, payload: bytes | memoryview) -> None:
-    """Write ``payload`` to ``path`` atomically (temp file in the same directory, fsync, rename)."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call ``write(handle)`` on a temp file in ``path``'s directory, fsync it, then rename it to ``path``.
+
+    Readers see either the old file or the complete new one, never a partial write.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | Path, payload: bytes | memoryview) -> None:
+    """Write ``payload`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda handle: handle.write(payload))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -1,0 +1,48 @@
+"""Associative recall: key-value pairs, then a query key; predict its value (Ba et al. 2016; Zoology,
+Arora et al. 2023).
+
+Target head function: induction (the head at the query key attends to the token after the key's earlier
+occurrence, its value, and copies it). Metric: cross-entropy (and accuracy) of the value at the last position.
+Keys ``0 .. n_keys - 1``, values ``n_keys .. n_keys + n_values - 1``; keys within a sequence are distinct.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from data.tasks.base import IGNORE, Batch, Task, randint
+
+
+@dataclass(frozen=True)
+class RecallTask(Task):
+    name = "recall"
+    role = "induction"
+
+    n_keys: int = 32
+    n_values: int = 32
+    n_pairs: int = 12
+
+    def __post_init__(self) -> None:
+        if self.n_pairs > self.n_keys:
+            raise ValueError(f"n_pairs {self.n_pairs} exceeds n_keys {self.n_keys} (keys are distinct)")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.n_keys + self.n_values
+
+    @property
+    def seq_len(self) -> int:
+        return 2 * self.n_pairs + 1
+
+    def _sample(self, batch_size: int, generator: torch.Generator, split: str) -> Batch:
+        n = batch_size
+        keys = torch.rand(n, self.n_keys, generator=generator).argsort(dim=1)[:, : self.n_pairs]  # [B, P]
+        values = self.n_keys + randint(self.n_values, (n, self.n_pairs), generator)  # [B, P]
+        which = randint(self.n_pairs, (n, 1), generator)  # [B, 1]
+        pairs = torch.stack((keys, values), dim=2).flatten(1)  # [B, 2P]: k1 v1 k2 v2 ...
+        tokens = torch.cat((pairs, keys.gather(1, which)), dim=1)  # [B, 2P + 1]
+        targets = torch.full_like(tokens, IGNORE)
+        targets[:, -1] = values.gather(1, which)[:, 0]
+        return {"input_ids": tokens, "targets": targets}
