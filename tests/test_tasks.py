@@ -1,0 +1,142 @@
+"""Task generators: seeded and deterministic, targets that follow each task's definition."""
+
+import os
+
+os.environ["WANDB_MODE"] = "disabled"
+
+import pytest
+import torch
+
+from data.tasks import TASKS, make_task
+from headlab.errors import HeadlabError
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_same_seed_gives_same_stream_and_other_seed_differs(name):
+    task = make_task(name)
+    a, b, c = task.stream(8, seed=3), task.stream(8, seed=3), task.stream(8, seed=4)
+    for _ in range(2):
+        x, y, z = next(a), next(b), next(c)
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    assert not torch.equal(x["input_ids"], z["input_ids"])
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_batches_have_shapes_vocab_and_some_targets(name):
+    task = make_task(name)
+    for split in task.splits:
+        batch = task.batch(16, seed=0, split=split)
+        assert batch["input_ids"].shape == batch["targets"].shape == (16, task.seq_len)
+        assert 0 <= int(batch["input_ids"].min()) and int(batch["input_ids"].max()) < task.vocab_size
+        kept = batch["targets"][batch["targets"] != -100]
+        assert kept.numel() >= 16 and int(kept.max()) < task.vocab_size
+
+
+def test_induction_targets_are_the_next_token_inside_the_repeat():
+    batch = make_task("induction").batch(64, seed=1)
+    ids, targets, repeat = batch["input_ids"], batch["targets"], batch["repeat_mask"]
+    b, i = (targets != -100).nonzero(as_tuple=True)
+    assert torch.equal(targets[b, i], ids[b, i + 1])
+    assert bool(repeat[b, i].all()) and bool(repeat[b, i + 1].all())
+
+
+def _segments(batch):
+    """(length, first start, second start) of each sequence's repeated segment, found by brute force."""
+    out = []
+    for ids, repeat in zip(batch["input_ids"], batch["repeat_mask"]):
+        where = repeat.nonzero()[:, 0]
+        start2, length = int(where[0]), len(where)
+        segment = ids[start2 : start2 + length]
+        start1 = next(s for s in range(start2 - length + 1) if torch.equal(ids[s : s + length], segment))
+        out.append((length, start1, start2))
+    return out
+
+
+def test_induction_segment_length_and_starts_are_random_so_position_cannot_solve_it():
+    segments = _segments(make_task("induction").batch(200, seed=2))
+    lengths, starts, offsets = zip(*[(n, s2, s2 - s1) for n, s1, s2 in segments])
+    assert len(set(lengths)) > 5 and len(set(starts)) > 10 and len(set(offsets)) > 10
+
+
+def test_fixed_offset_variant_repeats_at_a_constant_distance():
+    segments = _segments(make_task("induction", fixed_offset=30).batch(100, seed=2))
+    assert {s2 - s1 for _, s1, s2 in segments} == {30}
+
+
+def test_recall_target_is_the_value_paired_with_the_query_key():
+    task = make_task("recall")
+    batch = task.batch(32, seed=0)
+    for ids, target in zip(batch["input_ids"], batch["targets"][:, -1]):
+        keys, values = ids[:-1:2].tolist(), ids[1:-1:2].tolist()
+        assert len(set(keys)) == len(keys)
+        assert values[keys.index(int(ids[-1]))] == int(target)
+
+
+def test_ioi_answer_is_the_name_seen_once_and_abc_corruption_uses_three_names():
+    task = make_task("ioi")
+    batch = task.batch(64, seed=0)
+    names = set(batch["name_tokens"].tolist())
+    patterns = set()
+    for ids, corrupt, answer in zip(batch["input_ids"], batch["corrupt_input_ids"], batch["targets"][:, -1]):
+        mentions = [t for t in ids.tolist() if t in names]
+        assert len(mentions) == 3 and mentions.count(int(answer)) == 1
+        subject = next(t for t in mentions if t != int(answer))
+        assert mentions[2] == subject
+        patterns.add("ABBA" if mentions[0] == int(answer) else "BABA")
+        assert len({t for t in corrupt.tolist() if t in names}) == 3
+    assert patterns == {"ABBA", "BABA"}
+
+
+def test_successor_target_is_the_cyclic_successor_of_the_ordinal_token():
+    task = make_task("successor", cycles=(3, 4))  # tokens 0 1 2 | 3 4 5 6
+    succ = {0: 1, 1: 2, 2: 0, 3: 4, 4: 5, 5: 6, 6: 3}
+    batch = task.batch(64, seed=0)
+    for ids, target in zip(batch["input_ids"], batch["targets"][:, -1]):
+        ordinals = [t for t in ids.tolist() if t < 7]
+        assert len(ordinals) == 1 and succ[ordinals[0]] == int(target)
+
+
+def test_icl_splits_in_weights_and_in_context():
+    task = make_task("icl")
+    label0 = task.n_classes + task.n_novel
+    iw = task.batch(64, seed=0, split="iw")
+    for ids, target in zip(iw["input_ids"], iw["targets"][:, -1]):
+        query = int(ids[-1])
+        assert query < task.n_classes and query not in ids[:-1:2].tolist()
+        assert int(target) == label0 + int(task.mapping[query])
+    ic = task.batch(64, seed=0, split="ic")
+    for ids, target in zip(ic["input_ids"], ic["targets"][:, -1]):
+        query, items, labels = int(ids[-1]), ids[:-1:2].tolist(), ids[1:-1:2].tolist()
+        assert query >= task.n_classes and items.count(query) == task.burst
+        assert all(label == int(target) for item, label in zip(items, labels) if item == query)
+
+
+def test_iteration_targets_are_running_parities_and_mask_points_at_the_next_bit():
+    task = make_task("iteration", min_bits=3, max_bits=6)
+    batch = task.batch(32, seed=0)
+    for ids, targets, mask in zip(batch["input_ids"], batch["targets"], batch["iteration_mask"]):
+        n = ids.tolist().index(2)  # SEP
+        bits = ids[:n].tolist()
+        parities = [sum(bits[: t + 1]) % 2 for t in range(n)]
+        assert targets[n : 2 * n].tolist() == parities
+        assert ids[n + 1 : 2 * n + 1].tolist() == parities
+        assert [(int(q), int(k)) for q, k in mask.nonzero()] == [(n + t, t) for t in range(n)]
+
+
+def test_modular_addition_targets_and_disjoint_splits():
+    task = make_task("modular_addition", p=13)
+    train, test = set(task.pairs["train"].tolist()), set(task.pairs["test"].tolist())
+    assert not train & test and len(train | test) == 169
+    batch = task.batch(64, seed=0, split="test")
+    a, b = batch["input_ids"][:, 0], batch["input_ids"][:, 1]
+    assert torch.equal(batch["targets"][:, 2], (a + b) % 13)
+    assert {int(x) * 13 + int(y) for x, y in zip(a, b)} <= test
+
+
+def test_unknown_task_or_option_is_a_clear_error():
+    with pytest.raises(HeadlabError, match="unknown task 'nope'"):
+        make_task("nope")
+    with pytest.raises(HeadlabError, match="no option colour"):
+        make_task("induction", colour=1)
+    with pytest.raises(HeadlabError, match="fixed_offset"):
+        make_task("induction", fixed_offset=2)

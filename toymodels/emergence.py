@@ -1,0 +1,132 @@
+"""Emergence tracking: score every head during training and find when each role and the task's phase change appear.
+
+:class:`EmergenceTracker` is a Lightning callback that, on a log-plus-linear step schedule, scores all heads with the
+detectors on a fixed detection batch and evaluates the task metric on a fixed evaluation batch; it logs both to the
+Trainer's logger (W&B or CSV). :func:`emerged_steps` gives the first step each (role, head) passes its null
+threshold; :func:`phase_change_step` the step of the task metric's phase change.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import lightning.pytorch as pl
+import torch
+
+from toymodels.ablation import target_accuracy, target_loss
+from toymodels.detectors import NullStats, score_heads
+
+Batch = dict[str, torch.Tensor]
+
+
+def log_linear_schedule(max_steps: int, every: int) -> list[int]:
+    """Steps ``0, 1, 2, 4, 8, ...`` (log-spaced, for the fast early changes) plus every ``every`` steps and the last."""
+    steps = {0, max_steps}
+    power = 1
+    while power < max_steps:
+        steps.add(power)
+        power *= 2
+    steps.update(range(every, max_steps, max(every, 1)))
+    return sorted(s for s in steps if 0 <= s <= max_steps)
+
+
+@dataclass
+class Snapshot:
+    """Everything measured at one step: the task metric and every detector's scores ``[layer, head]``."""
+
+    step: int
+    seconds: float
+    eval_loss: float
+    eval_accuracy: float
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def snapshot(model: torch.nn.Module, step: int, seconds: float, detect_batch: Batch, eval_batch: Batch) -> Snapshot:
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=eval_batch["input_ids"]).logits
+        loss = float(target_loss(logits, eval_batch["targets"]))
+        accuracy = float(target_accuracy(logits, eval_batch["targets"]))
+        scores = score_heads(model, detect_batch)
+    finally:
+        model.train(was_training)
+    return Snapshot(step, seconds, loss, accuracy, scores)
+
+
+class EmergenceTracker(pl.Callback):
+    """Scores every head on ``schedule`` steps; ``history`` holds one :class:`Snapshot` per scored step.
+
+    ``thresholds`` (role -> score threshold) give the logged ``emergence/{role}_passing`` head counts.
+    """
+
+    def __init__(
+        self,
+        detect_batch: Batch,
+        eval_batch: Batch,
+        schedule: list[int],
+        thresholds: dict[str, float] | None = None,
+    ) -> None:
+        self.detect_batch, self.eval_batch = detect_batch, eval_batch
+        self.schedule = set(schedule)
+        self.thresholds = thresholds or {}
+        self.history: list[Snapshot] = []
+        self._start = 0.0
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        snap = snapshot(pl_module.model, step, time.perf_counter() - self._start, self.detect_batch, self.eval_batch)
+        self.history.append(snap)
+        if trainer.logger:
+            metrics = {"eval/loss": snap.eval_loss, "eval/accuracy": snap.eval_accuracy}
+            for role, scores in snap.scores.items():
+                metrics[f"emergence/{role}_max"] = float(scores.max())
+                if role in self.thresholds:
+                    metrics[f"emergence/{role}_passing"] = int((scores > self.thresholds[role]).sum())
+            trainer.logger.log_metrics(metrics, step=step)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+        self._measure(trainer, pl_module, 0)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step in self.schedule and (not self.history or self.history[-1].step != step):
+            self._measure(trainer, pl_module, step)
+
+
+def emerged_steps(
+    history: list[Snapshot], null: dict[str, NullStats], n_sigma: float
+) -> dict[tuple[str, int, int], int]:
+    """``(role, layer, head) -> first step`` at which the head's score exceeded ``null_mean + n_sigma * null_std``
+    and stayed above it at every later snapshot (so a transient blip at initialisation does not count)."""
+    found: dict[tuple[str, int, int], int] = {}
+    for role, stats in null.items():
+        if not history or role not in history[-1].scores:
+            continue
+        above = torch.stack([snap.scores[role] > stats.threshold(n_sigma) for snap in history])  # [S, L, H]
+        steps = [snap.step for snap in history]
+        for layer, head in above[-1].nonzero().tolist():
+            column = above[:, layer, head].tolist()
+            first = len(column) - 1
+            while first > 0 and column[first - 1]:
+                first -= 1
+            found[(role, layer, head)] = steps[first]
+    return found
+
+
+def phase_change_step(steps: list[int], losses: list[float], min_drop: float = 0.2) -> int | None:
+    """The step at which the task loss first falls halfway from its initial plateau to its final minimum.
+
+    ``plateau = loss at the first snapshot``, ``floor = min loss``; returns the first step with
+    ``loss <= (plateau + floor) / 2``, or None when the loss never fell by ``min_drop`` of its initial value
+    (no phase change). For induction this is the step where the induction bump resolves (Olsson et al. 2022).
+    """
+    if len(losses) < 2:
+        return None
+    plateau, floor = losses[0], min(losses)
+    if plateau - floor < min_drop * abs(plateau):
+        return None
+    middle = (plateau + floor) / 2
+    return next(step for step, loss in zip(steps, losses) if loss <= middle)
