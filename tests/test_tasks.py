@@ -27,7 +27,7 @@ def test_batches_have_shapes_vocab_and_some_targets(name):
     for split in task.splits:
         batch = task.batch(16, seed=0, split=split)
         assert batch["input_ids"].shape == batch["targets"].shape == (16, task.seq_len)
-        assert 0 <= int(batch["input_ids"].min()) and int(batch["input_ids"].max()) < task.vocab_size
+        assert int(batch["input_ids"].min()) >= 0 and int(batch["input_ids"].max()) < task.vocab_size
         kept = batch["targets"][batch["targets"] != -100]
         assert kept.numel() >= 16 and int(kept.max()) < task.vocab_size
 

@@ -12,13 +12,14 @@ releases silently ignore):
   the head is ablated, so the effect only flows through values and the residual stream, not through changed
   attention of later heads.
 
-A head is *functional* when its effect exceeds the spread of ablating random heads (:func:`functional_threshold`).
+A head is *functional* when its effect exceeds that of ablating random heads beyond noise (:func:`is_functional`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -89,6 +90,22 @@ def _ablation(kind: AblationKind, head: tuple[int, int], clean: dict, other: dic
     raise HeadlabError(f"unknown ablation '{kind}'; choose zero, mean or resample")
 
 
+@dataclass(frozen=True)
+class AblationResult:
+    """Per-head ablation effects ``[layer, head]`` (mean over sequences), their standard errors, the clean loss."""
+
+    effect: torch.Tensor
+    stderr: torch.Tensor
+    clean_loss: float
+
+
+def sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over each sequence's target positions: ``[batch]``."""
+    per_token = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=-100, reduction="none")
+    counts = (targets != -100).sum(1).clamp_min(1)
+    return per_token.sum(1) / counts
+
+
 @torch.no_grad()
 def ablation_effects(
     model: nn.Module,
@@ -96,8 +113,9 @@ def ablation_effects(
     kind: AblationKind = "mean",
     other_batch: Batch | None = None,
     pattern_preserving: bool = False,
-) -> tuple[torch.Tensor, float]:
-    """Per-head effect ``[layer, head]`` of ablating each head alone, and the clean loss.
+) -> AblationResult:
+    """Effect of ablating each head alone: ``effect[l, h] = mean_b (loss_b(ablated) - loss_b(clean))`` with
+    ``loss_b`` the cross-entropy over sequence ``b``'s target positions, and its standard error over sequences.
 
     ``other_batch`` supplies the resampled head outputs for ``kind="resample"`` (default: the batch rolled by one
     sequence, so every sequence gets another sequence's head outputs).
@@ -106,8 +124,8 @@ def ablation_effects(
     model.eval()
     try:
         ids, targets = batch["input_ids"], batch["targets"]
-        clean_loss = float(target_loss(_logits(model, ids), targets))
-        clean = capture_z(model, ids) if kind == "mean" else {}
+        clean = sequence_loss(_logits(model, ids), targets)  # [B]
+        captured = capture_z(model, ids) if kind == "mean" else {}
         other = None
         if kind == "resample":
             source = other_batch["input_ids"] if other_batch is not None else ids.roll(1, dims=0)
@@ -117,26 +135,30 @@ def ablation_effects(
         else:
             frozen = nullcontext()
         sites = head_sites(model)
-        effects = torch.zeros(len(sites), sites[0].n_heads)
+        effect = torch.zeros(len(sites), sites[0].n_heads)
+        stderr = torch.zeros_like(effect)
         with frozen:
             for site in sites:
                 for head in range(site.n_heads):
-                    with hook_heads(model, _ablation(kind, (site.layer, head), clean, other)):
-                        logits = _logits(model, ids)
-                    effects[site.layer, head] = float(target_loss(logits, targets)) - clean_loss
+                    with hook_heads(model, _ablation(kind, (site.layer, head), captured, other)):
+                        diff = sequence_loss(_logits(model, ids), targets) - clean  # [B]
+                    effect[site.layer, head] = diff.mean()
+                    stderr[site.layer, head] = diff.std() / len(diff) ** 0.5
     finally:
         model.train(was_training)
-    return effects, clean_loss
+    return AblationResult(effect, stderr, float(clean.mean()))
 
 
-def functional_threshold(effects: torch.Tensor, n_sigma: float = 3.0) -> float:
-    """The effect a head must exceed to count as functional: the spread of ablating random heads.
+def is_functional(
+    effect: torch.Tensor, stderr: torch.Tensor, detected: torch.Tensor, n_sigma: float = 3.0
+) -> tuple[torch.Tensor, float]:
+    """Which detected heads are causally responsible, and the random-head reference effect.
 
-    ``threshold = median(effects) + n_sigma * 1.4826 * MAD(effects)`` over all heads (a robust mean + n sigma:
-    most heads of a model do not serve the task, so the median and the median absolute deviation describe what
-    ablating a random head does, and a few strong heads do not inflate them). Never below 0.
+    The reference is the mean effect of ablating the heads *not* detected for the role (random heads with
+    respect to it; 0 when every head is detected). A detected head is functional when
+    ``effect - reference > n_sigma * stderr``: its ablation hurts the task more than ablating a random head does,
+    by more than the sampling noise of its own effect. ``effect``, ``stderr``, ``detected``: ``[layer, head]``.
     """
-    flat = effects.flatten().double()
-    median = flat.median()
-    mad = (flat - median).abs().median()
-    return max(float(median + n_sigma * 1.4826 * mad), 0.0)
+    others = effect[~detected]
+    reference = float(others.mean()) if others.numel() else 0.0
+    return detected & (effect - reference > n_sigma * stderr), reference

@@ -28,7 +28,7 @@ from data.tasks import Batch, Task, make_task
 from headlab.errors import HeadlabError
 from headlab.runs import atomic_write_json, atomic_write_text, save_config, to_plain
 from headlab.tracking import LoggerKind, finish, make_logger
-from toymodels.ablation import AblationKind, ablation_effects, functional_threshold, target_accuracy, target_loss
+from toymodels.ablation import AblationKind, AblationResult, ablation_effects, target_accuracy, target_loss
 from toymodels.detectors import NullStats, null_distribution, score_heads, use_eager_attention
 from toymodels.emergence import EmergenceTracker, emerged_steps, log_linear_schedule, phase_change_step
 from toymodels.modeling import ToyTransformer
@@ -52,7 +52,8 @@ class DetectConfig:
     ablation: AblationKind = "mean"
     """ablation reported in roles.csv: zero, mean or resample (all three go to ablations.csv)"""
     effect_sigma: float = 3.0
-    """a detected head is functional when its ablation effect exceeds median + effect_sigma * robust std of all heads"""
+    """a detected head is functional when its ablation effect exceeds the mean effect of the role's other heads by
+    effect_sigma standard errors"""
     pattern_preserving: bool = False
     """freeze every attention pattern to its clean value while ablating (toy models only)"""
     eval_batch_size: int = 128
@@ -66,9 +67,7 @@ class HeadMap:
     table: pd.DataFrame
     scores: dict[str, torch.Tensor]
     null: dict[str, NullStats]
-    effects: dict[str, torch.Tensor]
-    clean_loss: float
-    effect_threshold: float
+    ablations: dict[str, AblationResult]
 
 
 def map_heads(
@@ -87,23 +86,26 @@ def map_heads(
     model.eval()
     scores = scores if scores is not None else score_heads(model, detect_batch)
     null = null if null is not None else null_distribution(model, detect_batch, n_models=cfg.n_null, seed=seed + 10_000)
-    effects, clean_loss = {}, 0.0
-    for kind in ("zero", "mean", "resample"):
-        effects[kind], clean_loss = ablation_effects(
-            model, eval_batch, kind, other_batch, pattern_preserving=cfg.pattern_preserving
-        )
-    chosen = effects[cfg.ablation]
-    threshold = functional_threshold(chosen, cfg.effect_sigma)
-    table = role_table(scores, null, chosen, threshold, cfg.n_sigma, emerged)
-    return HeadMap(table, scores, null, effects, clean_loss, threshold)
+    ablations = {
+        kind: ablation_effects(model, eval_batch, kind, other_batch, pattern_preserving=cfg.pattern_preserving)
+        for kind in ("zero", "mean", "resample")
+    }
+    table = role_table(scores, null, ablations[cfg.ablation], cfg.n_sigma, cfg.effect_sigma, emerged)
+    return HeadMap(table, scores, null, ablations)
 
 
-def _ablation_frame(effects: dict[str, torch.Tensor]) -> pd.DataFrame:
+def _ablation_frame(ablations: dict[str, AblationResult]) -> pd.DataFrame:
     rows = [
-        {"layer": layer, "head": head, "ablation": kind, "effect": float(values[layer, head])}
-        for kind, values in effects.items()
-        for layer in range(values.shape[0])
-        for head in range(values.shape[1])
+        {
+            "layer": layer,
+            "head": head,
+            "ablation": kind,
+            "effect": float(result.effect[layer, head]),
+            "stderr": float(result.stderr[layer, head]),
+        }
+        for kind, result in ablations.items()
+        for layer in range(result.effect.shape[0])
+        for head in range(result.effect.shape[1])
     ]
     return pd.DataFrame(rows)
 
@@ -127,7 +129,8 @@ def _target_summary(head_map: HeadMap, role: str) -> dict[str, Any]:
         "null_std": float(row["null_std"]),
         "threshold": float(row["threshold"]),
         "ablation_effect": float(row["ablation_effect"]),
-        "effect_threshold": head_map.effect_threshold,
+        "effect_stderr": float(row["effect_stderr"]),
+        "effect_reference": float(row["effect_reference"]),
         "emerged_step": None if pd.isna(row["emerged_step"]) else int(row["emerged_step"]),
         "detected": bool(row["detected"]),
         "functional": bool(row["functional"]),
@@ -151,7 +154,7 @@ def _split_metrics(model: nn.Module, task: Task, seed: int, n: int) -> dict[str,
 
 def _write_map(out: Path, head_map: HeadMap, title: str) -> None:
     atomic_write_text(out / "roles.csv", head_map.table.to_csv(index=False))
-    atomic_write_text(out / "ablations.csv", _ablation_frame(head_map.effects).to_csv(index=False))
+    atomic_write_text(out / "ablations.csv", _ablation_frame(head_map.ablations).to_csv(index=False))
     plot_role_map(head_map.table, head_roles(head_map.table), out / "role_map.png", title)
 
 
@@ -261,7 +264,7 @@ def toy(
         "phase_change_step": phase,
         "final_eval": {"loss": losses[-1], "accuracy": history[-1].eval_accuracy},
         "splits": _split_metrics(net, the_task, seed, train.eval_batch_size),
-        "clean_loss": head_map.clean_loss,
+        "clean_loss": head_map.ablations[detect.ablation].clean_loss,
         "steps": train.steps,
         "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - started,
@@ -279,8 +282,9 @@ def _target_line(target: dict[str, Any]) -> str:
         return (
             f"target role {target['role']}: best head L{target['layer']}H{target['head']} score "
             f"{target['score']:.3f} (null {target['null_mean']:.3f} +- {target['null_std']:.3f}, threshold "
-            f"{target['threshold']:.3f}), ablation effect {target['ablation_effect']:+.3f} nats (random-head "
-            f"spread {target['effect_threshold']:.3f}), emerged at step {target['emerged_step']}, "
+            f"{target['threshold']:.3f}), ablation effect {target['ablation_effect']:+.3f} +- "
+            f"{target['effect_stderr']:.3f} nats (random heads {target['effect_reference']:+.3f}), "
+            f"emerged at step {target['emerged_step']}, "
             f"formed={target['formed']}"
         )
     return f"target role {target['role']}: not scored (the task's batch lacks its inputs)"
@@ -399,11 +403,10 @@ def detect(
         "model": model,
         "task": task,
         "target": target,
-        "clean_loss": head_map.clean_loss,
+        "clean_loss": head_map.ablations[detect.ablation].clean_loss,
         "seconds": time.perf_counter() - started,
     }
     atomic_write_json(out / "metrics.json", metrics)
-    _print_summary(
-        [f"run: {out}", _target_line(target), f"clean task loss {head_map.clean_loss:.3f}; {metrics['seconds']:.1f} s"]
-    )
+    last = f"clean task loss {metrics['clean_loss']:.3f}; {metrics['seconds']:.1f} s"
+    _print_summary([f"run: {out}", _target_line(target), last])
     return out

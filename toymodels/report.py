@@ -1,9 +1,10 @@
 """The role table: every (layer, head, role) with its score, null statistics, ablation effect and emergence step.
 
 Columns: ``layer, head, role, score, null_mean, null_std, ablation_effect, emerged_step`` (the contract), then
-``threshold`` (``null_mean + n_sigma * null_std``), ``detected`` (score above threshold), ``functional``
-(detected *and* the head's ablation effect above the random-head spread, see
-:func:`toymodels.ablation.functional_threshold`). A function label counts only with the causal check beside it.
+``threshold`` (``null_mean + n_sigma * null_std``), ``detected`` (score above threshold), ``effect_stderr``,
+``effect_reference`` (mean effect of ablating the heads not detected for the role) and ``functional`` (detected
+*and* ablation effect above the reference by more than ``effect_sigma`` standard errors, see
+:func:`toymodels.ablation.is_functional`). A function label counts only with the causal check beside it.
 """
 
 from __future__ import annotations
@@ -11,17 +12,19 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+from toymodels.ablation import AblationResult, is_functional
 from toymodels.detectors import NullStats
 
 COLUMNS = ["layer", "head", "role", "score", "null_mean", "null_std", "ablation_effect", "emerged_step"]
+EXTRA_COLUMNS = ["threshold", "detected", "effect_stderr", "effect_reference", "functional"]
 
 
 def role_table(
     scores: dict[str, torch.Tensor],
     null: dict[str, NullStats],
-    effects: torch.Tensor,
-    effect_threshold: float,
+    ablation: AblationResult,
     n_sigma: float,
+    effect_sigma: float,
     emerged: dict[tuple[str, int, int], int] | None = None,
 ) -> pd.DataFrame:
     """Long-form table, one row per (layer, head, role) for every role that has a null distribution."""
@@ -32,26 +35,28 @@ def role_table(
             continue
         stats = null[role]
         threshold = stats.threshold(n_sigma)
+        detected = values > threshold
+        functional, reference = is_functional(ablation.effect, ablation.stderr, detected, effect_sigma)
         for layer in range(values.shape[0]):
             for head in range(values.shape[1]):
-                score, effect = float(values[layer, head]), float(effects[layer, head])
-                detected = score > threshold
                 rows.append(
                     {
                         "layer": layer,
                         "head": head,
                         "role": role,
-                        "score": score,
+                        "score": float(values[layer, head]),
                         "null_mean": stats.mean,
                         "null_std": stats.std,
-                        "ablation_effect": effect,
+                        "ablation_effect": float(ablation.effect[layer, head]),
                         "emerged_step": emerged.get((role, layer, head)),
                         "threshold": threshold,
-                        "detected": detected,
-                        "functional": detected and effect > effect_threshold,
+                        "detected": bool(detected[layer, head]),
+                        "effect_stderr": float(ablation.stderr[layer, head]),
+                        "effect_reference": reference,
+                        "functional": bool(functional[layer, head]),
                     }
                 )
-    table = pd.DataFrame(rows, columns=[*COLUMNS, "threshold", "detected", "functional"])
+    table = pd.DataFrame(rows, columns=[*COLUMNS, *EXTRA_COLUMNS])
     return table.astype({"emerged_step": "Int64"})
 
 
@@ -76,6 +81,6 @@ def head_roles(table: pd.DataFrame) -> dict[tuple[int, int], str]:
 
 def induction_formed(table: pd.DataFrame) -> bool:
     """The issue's criterion: a head in layer >= 1 whose prefix-matching score exceeds its null threshold and
-    whose ablation raises the loss on the repeated part beyond the random-head spread."""
+    whose ablation raises the loss on the repeated part beyond that of random heads (the ``functional`` column)."""
     rows = table[(table["role"] == "induction") & (table["layer"] >= 1)]
     return bool(rows["functional"].any())

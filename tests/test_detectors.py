@@ -1,0 +1,192 @@
+"""Detectors give the expected scores on hand-built attention patterns and hand-built OV circuits, run on plain
+Hugging Face models, and fail loudly where patterns are missing."""
+
+import os
+
+os.environ["WANDB_MODE"] = "disabled"
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import toymodels
+from headlab.errors import HeadlabError
+from toymodels.detectors import (
+    DETECTORS,
+    attention_patterns,
+    copying_score,
+    induction_score,
+    name_mover_score,
+    null_distribution,
+    score_heads,
+    successor_score,
+)
+
+
+def _stack(*heads: torch.Tensor) -> torch.Tensor:
+    """Patterns [query, key] of several heads -> [batch=1, layer=1, head, query, key]."""
+    return torch.stack(heads)[None, None]
+
+
+def _uniform(seq: int) -> torch.Tensor:
+    return torch.ones(seq, seq).tril() / torch.arange(1, seq + 1)[:, None]
+
+
+def _offset(seq: int, back: int) -> torch.Tensor:
+    """Each query attends to ``back`` tokens earlier (to itself where that does not exist)."""
+    pattern = torch.zeros(seq, seq)
+    for i in range(seq):
+        pattern[i, i - back if i >= back else i] = 1
+    return pattern
+
+
+PERIODIC = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8]])  # every token repeats 4 positions later
+
+
+def _scores(name: str, patterns: torch.Tensor, ids: torch.Tensor = PERIODIC, **extra) -> torch.Tensor:
+    return DETECTORS[name](None, {"input_ids": ids, "attentions": patterns, **extra})[0]
+
+
+def test_previous_token_head_scores_one_and_uniform_head_scores_mean_of_one_over_i():
+    seq = PERIODIC.shape[1]
+    scores = _scores("previous_token", _stack(_offset(seq, 1), _uniform(seq)))
+    expected_uniform = sum(1 / (i + 1) for i in range(1, seq)) / (seq - 1)
+    assert scores.tolist() == pytest.approx([1.0, expected_uniform])
+
+
+def test_induction_head_attends_to_the_token_after_the_earlier_occurrence():
+    seq = PERIODIC.shape[1]
+    # induction head: at position i >= 4 (token x_i = x_{i-4}) it attends to i - 3, the token after x_{i-4};
+    # duplicate-token head attends to i - 4 itself; previous-token head to i - 1
+    patterns = _stack(_offset(seq, 3), _offset(seq, 4), _offset(seq, 1))
+    assert _scores("induction", patterns).tolist() == pytest.approx([1.0, 0.0, 0.0])
+    assert _scores("duplicate_token", patterns).tolist() == pytest.approx([0.0, 1.0, 0.0])
+
+
+def test_induction_score_uses_only_queries_with_an_earlier_occurrence():
+    ids = torch.tensor([[1, 2, 3, 1, 2]])
+    pattern = torch.zeros(5, 5)
+    pattern[:, 0] = 1.0  # everything on the first token
+    pattern[3, 0], pattern[3, 1] = 0.25, 0.75  # query "1" at 3: 3/4 on the "2" that followed the earlier "1"
+    pattern[4, 0], pattern[4, 2] = 0.5, 0.5  # query "2" at 4: 1/2 on the "3" that followed the earlier "2"
+    assert float(_scores("induction", _stack(pattern), ids)[0]) == pytest.approx((0.75 + 0.5) / 2)
+
+
+def test_attention_sink_scores_attention_to_the_first_token():
+    seq = 8
+    sink = torch.zeros(seq, seq)
+    sink[:, 0] = 1
+    scores = _scores("attention_sink", _stack(sink, _offset(seq, 1)))
+    assert scores.tolist() == pytest.approx([1.0, 1 / (seq - 1)])  # only query 1 sees position 0 as previous
+
+
+def test_iteration_score_reads_the_task_mask():
+    seq = 6
+    mask = torch.zeros(1, seq, seq, dtype=torch.bool)
+    mask[0, 3, 0] = mask[0, 4, 1] = mask[0, 5, 2] = True  # queries 3..5 should read keys 0..2
+    diagonal = _offset(seq, 3)
+    scores = _scores("iteration", _stack(diagonal, _uniform(seq)), torch.zeros(1, seq, dtype=torch.long),
+                     iteration_mask=mask)
+    assert scores.tolist() == pytest.approx([1.0, (1 / 4 + 1 / 5 + 1 / 6) / 3])
+
+
+def _circuit_model(ov: list[torch.Tensor], vocab: int = 8) -> toymodels.ToyTransformer:
+    """A 1-layer toy model with identity embedding and unembedding, whose head h has OV matrix ``ov[h]``."""
+    config = toymodels.ToyTransformerConfig(
+        vocab_size=vocab, max_position_embeddings=8, hidden_size=vocab, num_hidden_layers=1,
+        num_attention_heads=len(ov), head_dim=vocab, layer_norm=False,
+    )
+    model = toymodels.ToyTransformer(config)
+    with torch.no_grad():
+        model.embed.weight.copy_(torch.eye(vocab))
+        model.lm_head.weight.copy_(torch.eye(vocab))
+        # v = x W_V^h with W_V^h = I; the head writes z W_O^h with W_O^h = ov[h]: out_proj.weight is [d_model, H*d]
+        model.blocks[0].attn.v_proj.weight.copy_(torch.eye(vocab).repeat(len(ov), 1))
+        model.blocks[0].attn.out_proj.weight.copy_(torch.cat(ov, dim=0).T)
+    return model
+
+
+def test_copying_score_is_one_for_identity_minus_one_for_negated_identity():
+    eye = torch.eye(8)
+    scores = copying_score(_circuit_model([eye, -eye]), {})[0]
+    assert scores.tolist() == pytest.approx([1.0, -1.0], abs=1e-5)
+
+
+def test_successor_score_is_one_for_a_successor_permutation_and_zero_for_copying():
+    succ = torch.roll(torch.eye(8), 1, dims=1)  # row t has its 1 at column t + 1 (mod 8)
+    pairs = torch.tensor([[t, (t + 1) % 8] for t in range(8)])
+    scores = successor_score(_circuit_model([succ, torch.eye(8)]), {"successor_pairs": pairs})[0]
+    assert scores.tolist() == pytest.approx([1.0, 0.0])
+
+
+def test_name_mover_copy_score_counts_names_in_their_own_top5_logits():
+    eye = torch.eye(8)
+    names = torch.arange(4)
+    scores = name_mover_score(_circuit_model([eye, -eye]), {"name_tokens": names})[0]
+    assert scores.tolist() == pytest.approx([1.0, 0.0])
+
+
+def _tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=50, n_positions=32, bos_token_id=0,
+                        eos_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_detectors_run_on_a_plain_hugging_face_model_switching_it_to_eager():
+    model = _tiny_gpt2()
+    model.set_attn_implementation("sdpa")
+    ids = torch.randint(0, 50, (2, 16))
+    patterns = attention_patterns(model, ids)
+    assert model.config._attn_implementation == "eager"
+    assert patterns.shape == (2, 2, 4, 16, 16)
+    assert torch.allclose(patterns.sum(-1), torch.ones(2, 2, 4, 16), atol=1e-5)
+    scores = score_heads(model, {"input_ids": ids})
+    assert {"previous_token", "induction", "copying"} <= set(scores)
+    assert all(s.shape == (2, 4) for s in scores.values())
+
+
+def test_gpt2_ov_circuit_matches_a_manual_value_slice():
+    model = _tiny_gpt2()
+    eye = torch.eye(32)
+    with torch.no_grad():  # layer 0: W_V = W_O = identity, so head h's slices are blocks of the identity
+        model.transformer.h[0].attn.c_attn.weight[:, 64:] = eye
+        model.transformer.h[0].attn.c_proj.weight.copy_(eye)
+    from toymodels.detectors import ov_circuit
+
+    ov = ov_circuit(model, 0)
+    assert torch.allclose(ov.w_v[1], eye[:, 8:16]) and torch.allclose(ov.w_o[2], eye[16:24])
+
+
+def test_missing_attention_patterns_fail_loudly():
+    class NoPatterns(nn.Module):
+        config = SimpleNamespace(_attn_implementation=None)
+
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Linear(1, 1)
+
+        def forward(self, input_ids, output_attentions=False):
+            return SimpleNamespace(attentions=())
+
+    with pytest.raises(HeadlabError, match="eager"):
+        induction_score(NoPatterns(), {"input_ids": PERIODIC})
+
+
+def test_null_distribution_pools_every_head_of_several_random_initialisations():
+    config = toymodels.ToyTransformerConfig(vocab_size=16, max_position_embeddings=16, hidden_size=16,
+                                            num_hidden_layers=2, num_attention_heads=2)
+    model = toymodels.ToyTransformer(config)
+    batch = {"input_ids": torch.randint(0, 16, (4, 16))}
+    null = null_distribution(model, batch, ["previous_token", "copying"], n_models=3)
+    assert null["previous_token"].n == 3 * 2 * 2
+    assert 0 < null["previous_token"].mean < 1 and null["previous_token"].std > 0
+    assert null["previous_token"].threshold(3) > null["previous_token"].mean
+
+
+def test_unknown_detector_is_a_clear_error():
+    with pytest.raises(HeadlabError, match="unknown detector"):
+        score_heads(_tiny_gpt2(), {"input_ids": PERIODIC}, ["telepathy"])

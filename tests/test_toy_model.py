@@ -1,0 +1,123 @@
+"""The toy transformer: a Hugging Face model that returns its attention patterns and exposes headlab's hook point."""
+
+import os
+
+os.environ["WANDB_MODE"] = "disabled"
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import toymodels
+from headlab.heads import head_sites, hook_heads
+from headlab.interventions import zero_ablation
+from toymodels.ablation import ablation_effects, is_functional, sequence_loss, target_loss
+
+
+def _model(**overrides) -> toymodels.ToyTransformer:
+    torch.manual_seed(0)
+    options = dict(vocab_size=20, max_position_embeddings=12, hidden_size=16, num_hidden_layers=2,
+                   num_attention_heads=4, initializer_range=0.3)
+    options.update(overrides)
+    return toymodels.ToyTransformer(toymodels.ToyTransformerConfig(**options)).eval()
+
+
+IDS = torch.randint(0, 20, (3, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("positional", ["learned", "rotary", "shortformer", "none"])
+@pytest.mark.parametrize("attn_only", [True, False])
+def test_attention_patterns_are_causal_rows_that_sum_to_one_and_match_the_fast_path(positional, attn_only):
+    model = _model(positional=positional, attn_only=attn_only)
+    out = model(IDS, output_attentions=True)
+    assert len(out.attentions) == 2 and out.attentions[0].shape == (3, 4, 12, 12)
+    for pattern in out.attentions:
+        assert torch.allclose(pattern.sum(-1), torch.ones(3, 4, 12), atol=1e-5)
+        assert float(pattern.detach().triu(1).abs().max()) == 0.0
+    assert torch.allclose(model(IDS).logits, out.logits, atol=1e-5)  # sdpa path == explicit path
+
+
+def test_positional_scheme_changes_the_function():
+    logits = [_model(positional=p)(IDS).logits for p in ("learned", "rotary", "shortformer", "none")]
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert not torch.allclose(logits[a], logits[b], atol=1e-4)
+
+
+def test_without_positions_a_causal_model_is_blind_to_order_of_the_prefix():
+    # with no positional signal the last position's output is invariant to permuting the earlier tokens
+    model = _model(positional="none", num_hidden_layers=1)
+    ids = IDS[:1]
+    permuted = torch.cat((ids[:, :-1].flip(1), ids[:, -1:]), dim=1)
+    assert torch.allclose(model(ids).logits[:, -1], model(permuted).logits[:, -1], atol=1e-5)
+
+
+def test_save_and_load_through_the_auto_classes(tmp_path):
+    model = _model(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.embed.weight
+    model.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "headlab_toy"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, toymodels.ToyTransformer)
+    assert loaded.lm_head.weight is loaded.embed.weight
+    assert torch.equal(loaded(IDS).logits, model(IDS).logits)
+
+
+def test_hook_point_sees_pattern_times_values():
+    model = _model()
+    captured = {}
+    with hook_heads(model, lambda layer, z: captured.setdefault(layer, z.clone())):
+        out = model(IDS, output_attentions=True)
+    sites = head_sites(model)
+    assert [s.name for s in sites] == ["blocks.0.attn.out_proj", "blocks.1.attn.out_proj"]
+    # layer 0 by hand: z_h = A_h (x W_V^h) with x = LN(embed + pos)
+    attn = model.blocks[0].attn
+    x = model.blocks[0].ln1(model.embed(IDS) + model.pos_embed(torch.arange(12)))
+    v = attn.v_proj(x).view(3, 12, 4, 4).transpose(1, 2)  # [B, H, T, dh]
+    expected = (out.attentions[0] @ v).transpose(1, 2)  # [B, T, H, dh]
+    assert torch.allclose(captured[0], expected, atol=1e-5)
+
+
+def test_zero_ablation_through_the_hook_equals_zeroing_the_heads_output_weights():
+    model = _model()
+    targets = IDS.roll(-1, dims=1)
+    with hook_heads(model, zero_ablation([(1, 2)])):
+        hooked = model(IDS).logits
+    with torch.no_grad():
+        model.blocks[1].attn.out_proj.weight[:, 8:12] = 0  # head 2's columns (d_head 4)
+    assert torch.allclose(hooked, model(IDS).logits, atol=1e-6)
+    assert float(target_loss(hooked, targets)) > 0
+
+
+def test_ablation_effects_match_a_manual_weight_edit():
+    model = _model()
+    batch = {"input_ids": IDS, "targets": IDS.roll(-1, dims=1)}
+    result = ablation_effects(model, batch, kind="zero")
+    assert result.effect.shape == result.stderr.shape == (2, 4)
+    clean = sequence_loss(model(IDS).logits, batch["targets"])
+    assert result.clean_loss == pytest.approx(float(target_loss(model(IDS).logits, batch["targets"])), abs=1e-5)
+    with torch.no_grad():
+        model.blocks[0].attn.out_proj.weight[:, 4:8] = 0  # layer 0 head 1
+    diff = sequence_loss(model(IDS).logits, batch["targets"]) - clean
+    assert float(result.effect[0, 1]) == pytest.approx(float(diff.mean()), abs=1e-5)
+    assert float(result.stderr[0, 1]) == pytest.approx(float(diff.std() / 3**0.5), abs=1e-5)
+
+
+def test_pattern_preserving_ablation_keeps_later_patterns_fixed():
+    model = _model()
+    batch = {"input_ids": IDS, "targets": IDS.roll(-1, dims=1)}
+    plain = ablation_effects(model, batch, kind="zero").effect
+    preserved = ablation_effects(model, batch, kind="zero", pattern_preserving=True).effect
+    # last layer heads feed no later attention, so freezing patterns changes nothing for them, but layer 0 does
+    assert torch.allclose(plain[1], preserved[1], atol=1e-5)
+    assert not torch.allclose(plain[0], preserved[0], atol=1e-5)
+
+
+def test_functional_heads_beat_the_undetected_heads_by_more_than_their_noise():
+    effect = torch.tensor([[0.1, 0.3], [1.0, 0.5]])
+    stderr = torch.tensor([[0.05, 0.05], [0.1, 0.2]])
+    detected = torch.tensor([[False, False], [True, True]])
+    functional, reference = is_functional(effect, stderr, detected, n_sigma=3.0)
+    assert reference == pytest.approx(0.2)  # mean of the undetected heads 0.1 and 0.3
+    # 1.0 - 0.2 = 0.8 > 3 * 0.1 -> functional; 0.5 - 0.2 = 0.3 < 3 * 0.2 -> not; undetected heads never are
+    assert functional.tolist() == [[False, False], [True, False]]
