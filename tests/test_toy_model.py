@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import toymodels
 from headlab.heads import head_sites, hook_heads
 from headlab.interventions import zero_ablation
-from toymodels.ablation import ablation_effects, is_functional, sequence_loss, target_loss
+from toymodels.ablation import ablation_effects, is_functional, random_head_reference, sequence_loss, target_loss
 
 
 def _model(**overrides) -> toymodels.ToyTransformer:
@@ -113,11 +113,13 @@ def test_pattern_preserving_ablation_keeps_later_patterns_fixed():
     assert not torch.allclose(plain[0], preserved[0], atol=1e-5)
 
 
-def test_functional_heads_beat_the_undetected_heads_by_more_than_their_noise():
+def test_functional_heads_beat_heads_without_a_function_by_more_than_their_noise():
     effect = torch.tensor([[0.1, 0.3], [1.0, 0.5]])
     stderr = torch.tensor([[0.05, 0.05], [0.1, 0.2]])
-    detected = torch.tensor([[False, False], [True, True]])
-    functional, reference = is_functional(effect, stderr, detected, n_sigma=3.0)
-    assert reference == pytest.approx(0.2)  # mean of the undetected heads 0.1 and 0.3
+    detected_any = torch.tensor([[False, False], [True, True]])
+    reference = random_head_reference(effect, detected_any)
+    assert reference == pytest.approx(0.2)  # mean of the heads without a function, 0.1 and 0.3
+    functional = is_functional(effect, stderr, detected_any, reference, n_sigma=3.0)
     # 1.0 - 0.2 = 0.8 > 3 * 0.1 -> functional; 0.5 - 0.2 = 0.3 < 3 * 0.2 -> not; undetected heads never are
     assert functional.tolist() == [[False, False], [True, False]]
+    assert random_head_reference(effect, torch.ones(2, 2, dtype=torch.bool)) == 0.0

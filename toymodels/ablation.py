@@ -12,7 +12,8 @@ releases silently ignore):
   the head is ablated, so the effect only flows through values and the residual stream, not through changed
   attention of later heads.
 
-A head is *functional* when its effect exceeds that of ablating random heads beyond noise (:func:`is_functional`).
+A head is *functional* when its effect exceeds that of ablating random heads (heads with no detected function)
+beyond noise (:func:`is_functional`).
 """
 
 from __future__ import annotations
@@ -150,15 +151,22 @@ def ablation_effects(
 
 
 def is_functional(
-    effect: torch.Tensor, stderr: torch.Tensor, detected: torch.Tensor, n_sigma: float = 3.0
-) -> tuple[torch.Tensor, float]:
-    """Which detected heads are causally responsible, and the random-head reference effect.
+    effect: torch.Tensor, stderr: torch.Tensor, detected: torch.Tensor, reference: float, n_sigma: float = 3.0
+) -> torch.Tensor:
+    """Which detected heads are causally responsible: ``effect - reference > n_sigma * stderr``.
 
-    The reference is the mean effect of ablating the heads *not* detected for the role (random heads with
-    respect to it; 0 when every head is detected). A detected head is functional when
-    ``effect - reference > n_sigma * stderr``: its ablation hurts the task more than ablating a random head does,
+    ``reference`` is the mean effect of ablating a random head, one with no detected function (see
+    :func:`random_head_reference`): a detected head is functional when its ablation hurts the task more than that,
     by more than the sampling noise of its own effect. ``effect``, ``stderr``, ``detected``: ``[layer, head]``.
     """
-    others = effect[~detected]
-    reference = float(others.mean()) if others.numel() else 0.0
-    return detected & (effect - reference > n_sigma * stderr), reference
+    return detected & (effect - reference > n_sigma * stderr)
+
+
+def random_head_reference(effect: torch.Tensor, detected_any: torch.Tensor) -> float:
+    """Mean ablation effect of the heads with no detected function (``detected_any`` false), 0 when there is none.
+
+    Heads detected for another role are not random: in an induction circuit the previous-token heads of layer 0
+    matter more, one by one, than each of several redundant induction heads, and must not set the bar for them.
+    """
+    others = effect[~detected_any]
+    return float(others.mean()) if others.numel() else 0.0

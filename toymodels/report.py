@@ -2,7 +2,7 @@
 
 Columns: ``layer, head, role, score, null_mean, null_std, ablation_effect, emerged_step`` (the contract), then
 ``threshold`` (``null_mean + n_sigma * null_std``), ``detected`` (score above threshold), ``effect_stderr``,
-``effect_reference`` (mean effect of ablating the heads not detected for the role) and ``functional`` (detected
+``effect_reference`` (mean effect of ablating the heads with no detected function) and ``functional`` (detected
 *and* ablation effect above the reference by more than ``effect_sigma`` standard errors, see
 :func:`toymodels.ablation.is_functional`). A function label counts only with the causal check beside it.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from toymodels.ablation import AblationResult, is_functional
+from toymodels.ablation import AblationResult, is_functional, random_head_reference
 from toymodels.detectors import NullStats
 
 COLUMNS = ["layer", "head", "role", "score", "null_mean", "null_std", "ablation_effect", "emerged_step"]
@@ -29,14 +29,17 @@ def role_table(
 ) -> pd.DataFrame:
     """Long-form table, one row per (layer, head, role) for every role that has a null distribution."""
     emerged = emerged or {}
+    roles = [role for role in scores if role in null]
+    detected_by_role = {role: scores[role] > null[role].threshold(n_sigma) for role in roles}
+    detected_any = torch.zeros_like(ablation.effect, dtype=torch.bool)
+    for detected in detected_by_role.values():
+        detected_any |= detected
+    reference = random_head_reference(ablation.effect, detected_any)
     rows = []
-    for role, values in scores.items():
-        if role not in null:
-            continue
-        stats = null[role]
+    for role in roles:
+        values, stats, detected = scores[role], null[role], detected_by_role[role]
         threshold = stats.threshold(n_sigma)
-        detected = values > threshold
-        functional, reference = is_functional(ablation.effect, ablation.stderr, detected, effect_sigma)
+        functional = is_functional(ablation.effect, ablation.stderr, detected, reference, effect_sigma)
         for layer in range(values.shape[0]):
             for head in range(values.shape[1]):
                 rows.append(

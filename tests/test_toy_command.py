@@ -1,0 +1,107 @@
+"""The toy and detect commands: the run directory contract, reloading, detection on saved toy and HF models."""
+
+import os
+
+os.environ["WANDB_MODE"] = "disabled"
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+import toymodels
+from headlab.cli import main
+from headlab.errors import HeadlabError
+from toymodels.command import DetectConfig, detect, toy
+from toymodels.report import COLUMNS
+from toymodels.training import ToyConfig, TrainConfig
+
+TINY = {"vocab": 12, "length": 16, "min_segment": 3, "max_segment": 6}
+FAST_DETECT = DetectConfig(batch_size=8, n_null=2, eval_batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    returned = toy(
+        task="induction",
+        task_options=TINY,
+        out=out,
+        model=ToyConfig(n_layers=2, n_heads=2, d_model=16),
+        train=TrainConfig(steps=20, batch_size=8, track_every=10, eval_batch_size=16, log_every=5),
+        detect=FAST_DETECT,
+        logger="csv",
+        seed=0,
+    )
+    assert returned == out
+    return out
+
+
+def test_toy_writes_the_run_directory_contract(run_dir):
+    for name in ("config.yaml", "roles.csv", "scores.csv", "ablations.csv", "metrics.json",
+                 "scores_over_steps.png", "loss.png", "role_map.png", "model/config.json"):
+        assert (run_dir / name).exists(), name
+    roles = pd.read_csv(run_dir / "roles.csv")
+    assert list(roles.columns[: len(COLUMNS)]) == COLUMNS
+    assert set(roles["role"]) >= {"induction", "previous_token", "duplicate_token", "attention_sink", "copying"}
+    assert len(roles[roles["role"] == "induction"]) == 2 * 2  # every (layer, head)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["target"]["role"] == "induction" and metrics["steps"] == 20
+
+
+def test_tracked_steps_follow_the_log_plus_linear_schedule(run_dir):
+    steps = sorted(set(pd.read_csv(run_dir / "scores.csv")["step"]))
+    assert steps == [0, 1, 2, 4, 8, 10, 16, 20]
+
+
+def test_saved_model_reloads_through_auto_classes_and_remembers_its_task(run_dir):
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    assert isinstance(model, toymodels.ToyTransformer)
+    assert model.config.headlab_task["options"]["vocab"] == 12
+    assert model(torch.zeros(1, 16, dtype=torch.long)).logits.shape == (1, 16, 12)
+
+
+def test_detect_on_a_saved_toy_model_reproduces_its_final_scores(run_dir, tmp_path):
+    out = detect(model=str(run_dir / "model"), task="induction", out=tmp_path / "d", detect=FAST_DETECT, seed=0)
+    trained = pd.read_csv(run_dir / "roles.csv").set_index(["layer", "head", "role"])["score"]
+    detected = pd.read_csv(out / "roles.csv").set_index(["layer", "head", "role"])["score"]
+    assert detected.loc[trained.index].to_numpy() == pytest.approx(trained.to_numpy(), abs=1e-5)
+
+
+def test_detect_runs_on_a_saved_hugging_face_gpt2(tmp_path):
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=40, n_positions=32, bos_token_id=0,
+                        eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    out = detect(model=str(tmp_path / "gpt2"), task="induction", task_options={"length": 32, "max_segment": 12},
+                 out=tmp_path / "d", detect=FAST_DETECT)
+    roles = pd.read_csv(out / "roles.csv")
+    assert len(roles[roles["role"] == "induction"]) == 4
+    assert json.loads((out / "metrics.json").read_text())["target"]["role"] == "induction"
+
+
+def test_detect_rejects_a_task_longer_than_the_model_context(run_dir, tmp_path):
+    with pytest.raises(HeadlabError, match="positions"):
+        detect(model=str(run_dir / "model"), task="induction", task_options={"vocab": 12, "length": 64},
+               out=tmp_path / "d", detect=FAST_DETECT)
+
+
+def test_detect_names_a_missing_model(tmp_path):
+    with pytest.raises(HeadlabError, match="cannot load model"):
+        detect(model=str(tmp_path / "nothing-here"), out=tmp_path / "d")
+
+
+def test_cli_parses_toy_options_and_task_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["toy", "--task", "recall", "--task_options", '{"n_pairs": 4}', "--model.n_layers", "3",
+              "--train.steps", "7", "--print_config"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "n_layers: 3" in out and "steps: 7" in out and "n_pairs: 4" in out
+
+
+def test_cli_reports_an_unknown_task_as_a_one_line_error(tmp_path, capsys):
+    assert main(["toy", "--task", "telepathy", "--out", str(tmp_path / "x"), "--logger", "none"]) == 2
+    assert "unknown task 'telepathy'" in capsys.readouterr().err
