@@ -31,7 +31,7 @@ def run_dir(tmp_path_factory):
         out=out,
         model=ToyConfig(n_layers=2, n_heads=2, d_model=16),
         train=TrainConfig(steps=20, batch_size=8, track_every=10, eval_batch_size=16, log_every=5),
-        detect=FAST_DETECT,
+        detection=FAST_DETECT,
         logger="csv",
         seed=0,
     )
@@ -64,7 +64,7 @@ def test_saved_model_reloads_through_auto_classes_and_remembers_its_task(run_dir
 
 
 def test_detect_on_a_saved_toy_model_reproduces_its_final_scores(run_dir, tmp_path):
-    out = detect(model=str(run_dir / "model"), task="induction", out=tmp_path / "d", detect=FAST_DETECT, seed=0)
+    out = detect(model=str(run_dir / "model"), task="induction", out=tmp_path / "d", detection=FAST_DETECT, seed=0)
     trained = pd.read_csv(run_dir / "roles.csv").set_index(["layer", "head", "role"])["score"]
     detected = pd.read_csv(out / "roles.csv").set_index(["layer", "head", "role"])["score"]
     assert detected.loc[trained.index].to_numpy() == pytest.approx(trained.to_numpy(), abs=1e-5)
@@ -76,7 +76,7 @@ def test_detect_runs_on_a_saved_hugging_face_gpt2(tmp_path):
                         eos_token_id=0)
     GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
     out = detect(model=str(tmp_path / "gpt2"), task="induction", task_options={"length": 32, "max_segment": 12},
-                 out=tmp_path / "d", detect=FAST_DETECT)
+                 out=tmp_path / "d", detection=FAST_DETECT)
     roles = pd.read_csv(out / "roles.csv")
     assert len(roles[roles["role"] == "induction"]) == 4
     assert json.loads((out / "metrics.json").read_text())["target"]["role"] == "induction"
@@ -85,7 +85,7 @@ def test_detect_runs_on_a_saved_hugging_face_gpt2(tmp_path):
 def test_detect_rejects_a_task_longer_than_the_model_context(run_dir, tmp_path):
     with pytest.raises(HeadlabError, match="positions"):
         detect(model=str(run_dir / "model"), task="induction", task_options={"vocab": 12, "length": 64},
-               out=tmp_path / "d", detect=FAST_DETECT)
+               out=tmp_path / "d", detection=FAST_DETECT)
 
 
 def test_detect_names_a_missing_model(tmp_path):

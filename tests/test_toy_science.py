@@ -36,7 +36,7 @@ def _run(tmp_path_factory, name: str, n_layers: int, **task_options):
         out=out,
         model=ToyConfig(n_layers=n_layers, n_heads=2, d_model=32),
         train=SMALL_TRAIN,
-        detect=SMALL_DETECT,
+        detection=SMALL_DETECT,
         logger="none",
         seed=0,
     )

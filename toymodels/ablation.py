@@ -70,7 +70,7 @@ def freeze_patterns(model: nn.Module, patterns: tuple[torch.Tensor, ...]) -> Ite
     if modules is None:
         raise HeadlabError(
             f"pattern-preserving ablation needs a headlab toy model, not {type(model).__name__}; "
-            "use --detect.pattern_preserving false"
+            "use --detection.pattern_preserving false"
         )
     try:
         for module, pattern in zip(modules, patterns):

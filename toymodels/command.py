@@ -169,7 +169,7 @@ def toy(
     out: Path = Path("runs/toy"),
     model: ToyConfig = ToyConfig(),  # noqa: B008
     train: TrainConfig = TrainConfig(),  # noqa: B008
-    detect: DetectConfig = DetectConfig(),
+    detection: DetectConfig = DetectConfig(),
     logger: LoggerKind = "wandb",
     seed: int = 0,
 ) -> Path:
@@ -181,7 +181,7 @@ def toy(
         out: run directory (model/, roles.csv, scores.csv, metrics.json, plots, config.yaml).
         model: toy transformer architecture.
         train: optimisation and tracking schedule.
-        detect: detectors, null thresholds and ablation.
+        detection: detectors, null thresholds and ablation.
         logger: wandb (offline unless an account is configured), csv or none.
         seed: seed of the initialisation, the data stream and the fixed evaluation batches.
 
@@ -197,7 +197,7 @@ def toy(
         "out": str(out),
         "model": model,
         "train": train,
-        "detect": detect,
+        "detection": detection,
         "logger": logger,
         "seed": seed,
     }
@@ -207,10 +207,10 @@ def toy(
     task_record = {"name": task, "options": to_plain(dataclasses.asdict(the_task))}
     net = ToyTransformer(model.hf_config(the_task.vocab_size, the_task.seq_len, headlab_task=task_record))
 
-    detect_batch: Batch = the_task.batch(detect.batch_size, seed + 1, the_task.eval_split)
+    detect_batch: Batch = the_task.batch(detection.batch_size, seed + 1, the_task.eval_split)
     eval_batch: Batch = the_task.batch(train.eval_batch_size, seed + 2, the_task.eval_split)
-    null = null_distribution(net, detect_batch, n_models=detect.n_null, seed=seed + 10_000)
-    thresholds = {role: stats.threshold(detect.n_sigma) for role, stats in null.items()}
+    null = null_distribution(net, detect_batch, n_models=detection.n_null, seed=seed + 10_000)
+    thresholds = {role: stats.threshold(detection.n_sigma) for role, stats in null.items()}
     tracker = EmergenceTracker(
         detect_batch, eval_batch, log_linear_schedule(train.steps, train.track_every), thresholds
     )
@@ -236,8 +236,8 @@ def toy(
     net.eval()
 
     history = tracker.history
-    emerged = emerged_steps(history, null, detect.n_sigma)
-    head_map = map_heads(net, the_task, detect, seed, scores=history[-1].scores, null=null, emerged=emerged)
+    emerged = emerged_steps(history, null, detection.n_sigma)
+    head_map = map_heads(net, the_task, detection, seed, scores=history[-1].scores, null=null, emerged=emerged)
     steps, losses = [s.step for s in history], [s.eval_loss for s in history]
     phase = phase_change_step(steps, losses)
     target = _target_summary(head_map, the_task.role)
@@ -264,7 +264,7 @@ def toy(
         "phase_change_step": phase,
         "final_eval": {"loss": losses[-1], "accuracy": history[-1].eval_accuracy},
         "splits": _split_metrics(net, the_task, seed, train.eval_batch_size),
-        "clean_loss": head_map.ablations[detect.ablation].clean_loss,
+        "clean_loss": head_map.ablations[detection.ablation].clean_loss,
         "steps": train.steps,
         "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - started,
@@ -359,7 +359,7 @@ def detect(
     task: str = "induction",
     task_options: dict[str, Any] | None = None,
     out: Path | None = None,
-    detect: DetectConfig = DetectConfig(),
+    detection: DetectConfig = DetectConfig(),
     revision: str | None = None,
     seed: int = 0,
 ) -> Path:
@@ -372,7 +372,7 @@ def detect(
         task_options: the task's options; default: those the toy model was trained with, or for induction on a
             Hugging Face model random tokens from its whole vocabulary.
         out: output directory (default runs/detect/<model>-<task>).
-        detect: detectors, null thresholds and ablation.
+        detection: detectors, null thresholds and ablation.
         revision: hub revision (branch, tag or commit) of a hub model.
         seed: seed of the detection and evaluation batches and of the null initialisations.
 
@@ -391,19 +391,19 @@ def detect(
         "task": task,
         "task_options": to_plain(task_options or {}),
         "out": str(out),
-        "detect": detect,
+        "detection": detection,
         "revision": revision,
         "seed": seed,
     }
     save_config(out, config)
-    head_map = map_heads(net, the_task, detect, seed)
+    head_map = map_heads(net, the_task, detection, seed)
     _write_map(out, head_map, f"{Path(str(model)).name} on {task}")
     target = _target_summary(head_map, the_task.role)
     metrics = {
         "model": model,
         "task": task,
         "target": target,
-        "clean_loss": head_map.ablations[detect.ablation].clean_loss,
+        "clean_loss": head_map.ablations[detection.ablation].clean_loss,
         "seconds": time.perf_counter() - started,
     }
     atomic_write_json(out / "metrics.json", metrics)
