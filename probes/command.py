@@ -1,0 +1,151 @@
+"""``train.py probe``: a linear probe for every (layer, head) of a head cache, with controls and a report."""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data import HeadCache
+from headlab.errors import HeadlabError
+from headlab.runs import save_config
+from headlab.tracking import LoggerKind, finish, make_logger
+from probes.config import ControlConfig, ProbeConfig, ReportConfig, SplitConfig, SteerConfig
+from probes.data import HeadMajor, build_problem, no_hugepage_advice
+from probes.evaluate import evaluate, top_heads
+from probes.metrics import primary_metric
+from probes.report import (
+    default_metric,
+    log_to_tracker,
+    plot_heatmap,
+    save_directions,
+    summary,
+    write_heads,
+    write_summary,
+)
+
+log = logging.getLogger("headlab.probe")
+BLOCK_HEADS = 8  # heads per block: 8 x 6000 rows x 128 dims x 4 bytes = 24 MB, inside a 32 MB L3
+
+
+def probe(
+    cache: Path,
+    out: Path = Path("runs/probe"),
+    probe: ProbeConfig = ProbeConfig(),  # noqa: B008 (frozen dataclass: jsonargparse builds --probe.* from it)
+    split: SplitConfig = SplitConfig(),  # noqa: B008
+    control: ControlConfig = ControlConfig(),  # noqa: B008
+    report: ReportConfig = ReportConfig(),  # noqa: B008
+    steer: SteerConfig = SteerConfig(),  # noqa: B008
+    logger: LoggerKind = "wandb",
+    workers: int | None = None,
+) -> Path:
+    """Train a linear probe on every (layer, head) of a head cache; rank heads on validation, report on test.
+
+    Writes into ``out``: heads.csv (one row per head: layer, head, test metrics with intervals, validation
+    score, control score and selectivity, permutation p-value, mass-mean score), summary.json (top heads,
+    settings), heatmap.png, directions.safetensors (probe weights and mass-mean directions), config.yaml
+    (re-run with ``--config out/config.yaml``) and the W&B run (offline without an account).
+
+    Args:
+        cache: head cache directory written by ``train.py cache`` (or ``data.write_cache``).
+        out: run directory to write.
+        probe: how each probe is trained (backend, solver, penalties, standardisation, class weights).
+        split: seeded (grouped) holdout or k-fold splits.
+        control: control task, permutations, bootstrap and calibration settings.
+        report: number of top heads and the heatmap metric.
+        steer: the steering check on the top heads (off by default: it loads the cache's model).
+        logger: wandb (offline unless an account is configured), csv or none.
+        workers: threads solving head blocks (default: the CPU cores available, at most 8).
+
+    Returns:
+        The run directory.
+    """
+    start = time.perf_counter()
+    cache, out = Path(cache), Path(out)
+    settings: dict[str, Any] = {"cache": str(cache), "out": str(out), "probe": probe, "split": split,
+                                "control": control, "report": report, "steer": steer, "logger": logger,
+                                "workers": workers}
+    heads_cache = HeadCache.open(cache)  # verifies checksums (in a thread, below)
+    reader = HeadCache.open(cache, verify=False)  # the same memory maps, read while the checksums are checked
+    n_layers, n_heads = len(heads_cache.layers), heads_cache.n_heads
+    total = n_layers * n_heads
+    for name, k in [("report.top_k", report.top_k), ("steer.top_k", steer.top_k)]:
+        if not 1 <= k <= total:
+            raise HeadlabError(f"--{name} {k} asks for more heads than the cache has ({n_layers} layers x "
+                               f"{n_heads} heads = {total}); use a number from 1 to {total}")
+    problem = build_problem(heads_cache, probe, split, control)
+    solver = probe.solver if probe.solver != "auto" else ("adam" if probe.l1 > 0 else "newton")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(out, settings)
+    track = make_logger(logger, out, name=out.name, group="probe", config=settings)
+    try:
+        with no_hugepage_advice(), ThreadPoolExecutor(1) as pool:
+            checked = pool.submit(heads_cache.verify)
+            fits, mass = _fit(reader, problem, probe, solver, track, split.seed, workers, out)
+            checked.result()  # a damaged shard raises here, before anything is reported
+        frame = evaluate(problem, fits, mass, control, heads_cache.layers, n_heads, split.seed)
+        metric = default_metric(problem, report.metric, frame)
+        seconds = time.perf_counter() - start
+        heads_csv = write_heads(out, frame)
+        top = top_heads(frame, report.top_k)
+        model_id = heads_cache.manifest.get("model", {}).get("id", "?")
+        title = (f"{model_id}: test {metric} of a probe per head for '{problem.label}' "
+                 f"(boxes: top {report.top_k} by {'validation' if not split.folds else 'cross-validation'})")
+        heatmap = plot_heatmap(out / "heatmap.png", frame, n_layers, n_heads, heads_cache.layers, metric, top, title)
+        directions = save_directions(out / "directions.safetensors", fits, mass, problem, heads_cache.layers,
+                                     n_heads)
+        data = summary(frame, problem, report.top_k, primary_metric(problem.kind),
+                       {**settings, "backend": probe.backend, "solver": solver}, seconds)
+        if steer.enabled:
+            from probes.steer_run import steer_top_heads
+
+            data["steering"] = steer_top_heads(heads_cache, problem, frame, directions, steer, split.seed)
+        write_summary(out, data)
+        scalars = {k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        log_to_tracker(track, frame, scalars, heatmap, directions, out.name)
+    finally:
+        finish(track)
+    _print_report(frame, top, problem.kind, heads_csv, heatmap, time.perf_counter() - start)
+    return out
+
+
+def _fit(reader: HeadCache, problem, probe: ProbeConfig, solver: str, track, seed: int, workers: int | None,
+         out: Path):
+    """Train every fit with the chosen backend; returns ``(HeadFits, MassMean | None)``."""
+    from probes.newton import fit_mass_mean, fit_newton
+
+    hm = HeadMajor(reader.activations, problem.parts, BLOCK_HEADS)
+    if probe.backend == "sklearn":
+        from probes.sklearn_backend import fit_sklearn
+
+        fits = fit_sklearn(hm, problem, probe, reader.layers, reader.n_heads)
+    elif solver == "newton":
+        return fit_newton(hm, problem, probe, reader.layers, reader.n_heads, workers)
+    else:
+        from probes.module import fit_adam
+
+        fits = fit_adam(reader, problem, probe, track, seed, str(out))
+        finite = np.isfinite(fits.scores).all(axis=(0, 1, 3))
+        if not finite.all():
+            layer, head = divmod(int(np.flatnonzero(~finite)[0]), reader.n_heads)
+            raise HeadlabError(f"the cache holds NaN or inf activations (first at layer {reader.layers[layer]}, "
+                               f"head {head}); recapture in float32 or drop the examples that overflow")
+    mass = fit_mass_mean(hm, problem, workers) if problem.kind != "regression" else None
+    return fits, mass
+
+
+def _print_report(frame, top, kind: str, heads_csv: Path, heatmap: Path, seconds: float) -> None:
+    metric = primary_metric(kind)
+    print(f"probed {len(frame)} heads in {seconds:.1f} s; top {len(top)} by validation (test {metric}):")
+    for _, row in top.head(5).iterrows():
+        ci = ""
+        if f"{metric}_ci_low" in row:
+            ci = f" [{row[f'{metric}_ci_low']:.3f}, {row[f'{metric}_ci_high']:.3f}]"
+        extra = f", selectivity {row['selectivity']:+.3f}" if "selectivity" in row else ""
+        print(f"  layer {int(row['layer'])} head {int(row['head'])}: {metric} {row[metric]:.3f}{ci}{extra}")
+    print(f"heads: {heads_csv}")
+    print(f"heatmap: {heatmap}")

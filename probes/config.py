@@ -1,0 +1,130 @@
+"""Options of ``train.py probe``: small frozen dataclasses whose attribute docstrings become ``--help``.
+
+The regularised objective every backend minimises, per (layer, head) probe with weights ``w`` and bias ``b``::
+
+    L(w, b) = (1/n) * sum_i s_i * loss(y_i, x_i . w + b) + (l2 / 2) * sum_j sigma_j^2 w_j^2 + l1 * sum_j sigma_j |w_j|
+
+``loss`` is the logistic / softmax cross-entropy (classifiers) or half the squared error (regression), ``s_i`` the
+class weight of row i (1 without class weighting), ``sigma_j`` the training std of feature j when ``standardize``
+(else 1; penalising ``sigma_j w_j`` in raw space is the same as penalising ``w`` on standardised inputs) and the
+bias is not penalised. In scikit-learn's terms: ``LogisticRegression(C=1/(l2*n))`` on ``StandardScaler`` output,
+``Ridge(alpha=l2*n)`` for regression.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Backend = Literal["headlab", "sklearn"]
+Solver = Literal["auto", "newton", "adam"]
+ClassWeight = Literal["none", "balanced"]
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """How each head's probe is trained."""
+
+    label: str | None = None
+    """Label column of the cache to probe (default: the only one; required when the cache has several)."""
+    backend: Backend = "headlab"
+    """``headlab``: every head at once (Lightning module); ``sklearn``: a per-head LogisticRegression/Ridge loop
+    (the reference, as in the Inference-Time Intervention code)."""
+    solver: Solver = "auto"
+    """``newton``: full-batch bound-optimisation Newton steps per head block (exact optimum, L2 only);
+    ``adam``: minibatch training of the Lightning module streamed from the cache (any penalty, early stopping);
+    ``auto``: newton unless l1 > 0."""
+    l2: float = 1e-3
+    """L2 penalty on the (standardised) weights, per row of the mean loss: sklearn C = 1/(l2 * n_train)."""
+    l1: float = 0.0
+    """L1 penalty on the (standardised) weights (adam solver / sklearn saga)."""
+    standardize: bool = True
+    """Scale every feature to zero mean and unit variance on the training rows (done inside the solver)."""
+    class_weight: ClassWeight = "none"
+    """``balanced``: weight row i by n / (n_classes * n_class(i)) on the training rows."""
+    lr: float = 1e-2
+    """Adam learning rate (adam solver)."""
+    epochs: int = 50
+    """Maximum epochs (adam solver)."""
+    batch_size: int = 256
+    """Rows per minibatch (adam solver)."""
+    patience: int = 5
+    """Early stopping: epochs without a lower validation loss before training stops (adam solver, holdout split);
+    each head keeps its weights from its own best validation epoch."""
+    max_iter: int = 50
+    """Maximum Newton iterations per head block (newton solver)."""
+    tol: float = 1e-4
+    """Newton stops when every head's largest gradient entry is below this (scikit-learn's lbfgs default)."""
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Which rows train, rank and report. Heads are ranked on validation rows and reported on test rows, never on
+    the rows that chose them (the best of 1,000 heads on its own selection data is biased upward)."""
+
+    seed: int = 0
+    """Seed of the row (or group) shuffle: the same seed gives the same split."""
+    val_fraction: float = 0.2
+    """Share of rows (holdout) used to rank heads."""
+    test_fraction: float = 0.2
+    """Share of rows held out for the reported scores (both modes)."""
+    folds: int = 0
+    """0: holdout train/val/test. k >= 2: k-fold cross-validation on the non-test rows (heads ranked on the mean
+    held-out-fold score, spread reported), the test rows scored by a probe trained on all non-test rows."""
+    group_column: str | None = "group"
+    """Label column whose equal values stay on one side of every split (e.g. answers to one question); used when
+    the cache has it, ignored otherwise. Set to null to split rows independently."""
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """Controls and uncertainty: a score alone proves little."""
+
+    control_task: bool = True
+    """Train the same probe on control labels (Hewitt & Liang 2019) and report selectivity."""
+    control_column: str | None = None
+    """Input type for the control task: rows sharing a value get the same random label. Default: the group
+    column when the cache has one, else the dataset example each row came from."""
+    permutations: int = 1000
+    """Label permutations of the test rows for each head's p-value of beating chance (0: skip)."""
+    bootstrap: int = 1000
+    """Bootstrap resamples of the test rows (of groups, when grouped) for confidence intervals."""
+    confidence: float = 0.95
+    """Confidence level of every interval."""
+    calibration_bins: int = 10
+    """Equal-width confidence bins of the expected calibration error."""
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """What the run directory and W&B receive."""
+
+    top_k: int = 10
+    """Heads listed in summary.json (chosen on validation, reported on test)."""
+    metric: str | None = None
+    """Ranking/heatmap metric; default accuracy (classification) or r2 (regression)."""
+
+
+@dataclass(frozen=True)
+class SteerConfig:
+    """The causal check: add alpha * std * direction to the top heads' outputs and watch the model's output."""
+
+    enabled: bool = False
+    """Run the steering check after probing (loads the cache's model and dataset)."""
+    top_k: int = 5
+    """Heads steered together (the top heads by validation score)."""
+    alpha: float = 5.0
+    """Shift size in units of the activations' std along each direction (ITI's alpha)."""
+    direction: Literal["mass_mean", "probe"] = "mass_mean"
+    """Which direction to add: the mass-mean direction (as in ITI) or the probe weight vector."""
+    random_directions: int = 8
+    """Random directions of equal norm on the same heads, the baseline the probe direction must beat."""
+    max_prompts: int = 64
+    """Held-out (test) examples to steer on."""
+    continuations: tuple[str, str] | None = None
+    """Two continuations (e.g. " True", " False") whose logit difference is the readout (causal LMs). Without
+    them the readout is the final hidden state projected on its class-mean difference."""
+    model: str | None = None
+    """Model to steer (default: the cache's model id)."""
+    device: str = "cpu"
+    """Device for the steering forward passes."""

@@ -1,0 +1,311 @@
+"""Full-batch solver for every head's probe: bound-optimisation Newton steps on cache-sized blocks of heads.
+
+Each head's problem is small (``d_head + 1`` parameters) but there are up to a thousand of them, and the data is
+the expensive part, so the solver is built around passes over the data rather than around the optimiser:
+
+1. Each block of heads ``X [block, rows, d_head]`` is converted to float32 once and stays in the CPU cache while
+   every fit (task, control, folds) of those heads is solved.
+2. Per split part, the (class-weighted) Gram matrix ``X~^T S X~`` of the bias-augmented inputs ``X~ = [X, 1]`` is
+   computed once (a syrk per head); any fit's Gram is a sum of part Grams, so k folds cost one Gram pass.
+3. Logistic and softmax losses use Böhning's bound on the Hessian (Böhning 1992, "Multinomial logistic regression
+   algorithm", Ann. Inst. Statist. Math. 44): ``H <= c * X~^T S X~ / n + Lambda`` with ``c = 1/4`` (binary) or
+   ``c = 1/2`` on the class-centred subspace (softmax). Its inverse is computed once per fit, so an iteration is
+   two matrix-vector passes (``X~ D`` and ``X~^T R``); the bound makes the full step a descent step, and an exact
+   line search along it (a few 1-D Newton steps; the minimiser lies at t >= 1 because the bound majorises the
+   loss) recovers the curvature the bound overestimates on well-separated heads.
+4. Regression (ridge) is solved in closed form from the same Gram.
+
+The objective matches :mod:`probes.config` (and scikit-learn's ``LogisticRegression(C=1/(l2*n))`` on standardised
+inputs with an unpenalised intercept): standardisation enters only as the penalty ``l2 * sigma_j^2 w_j^2`` in raw
+space, so weights come out in the cache's activation space, ready for steering.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from headlab.errors import HeadlabError
+from probes.config import ProbeConfig
+from probes.data import HeadMajor, ProbeProblem, check_finite
+from probes.mass_mean import MassMean, mass_mean_block
+
+
+@dataclass
+class HeadFits:
+    """Trained probes of every fit and head, and their scores on every row (cache row order)."""
+
+    weight: np.ndarray  # [fits, heads, d_head, outputs] in raw activation space
+    bias: np.ndarray  # [fits, heads, outputs]
+    scores: np.ndarray  # [fits, rows, heads, outputs]: logits (classification) or predictions (regression)
+    iterations: np.ndarray  # [heads]: Newton iterations of each head's block (0 for closed-form / other solvers)
+    converged: np.ndarray  # [fits, heads]
+
+
+def loss_and_grad(z: np.ndarray, y: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row loss ``[..., rows]`` and its gradient in the scores ``[..., rows, outputs]``.
+
+    ``z [..., rows, outputs]``; ``y`` is ``[rows]`` (binary 0/1 or regression targets) or one-hot
+    ``[rows, outputs]`` (multiclass). Binary: ``softplus(z) - y z``; multiclass: ``logsumexp(z) - z_y``;
+    regression: ``(z - y)^2 / 2``.
+    """
+    if kind == "binary":
+        zz = z[..., 0]
+        loss = np.logaddexp(0.0, zz) - y * zz
+        return loss, (1.0 / (1.0 + np.exp(-zz)) - y)[..., None]
+    if kind == "multiclass":
+        top = z.max(-1, keepdims=True)
+        lse = top[..., 0] + np.log(np.exp(z - top).sum(-1))
+        p = np.exp(z - lse[..., None])
+        return lse - (z * y).sum(-1), p - y
+    return 0.5 * (z[..., 0] - y) ** 2, (z - y[..., None])
+
+
+def _curvature(z: np.ndarray, q: np.ndarray, kind: str) -> np.ndarray:
+    """Second derivative of the per-row loss along ``q``: ``[..., rows]``."""
+    if kind == "binary":
+        p = 1.0 / (1.0 + np.exp(-z[..., 0]))
+        return p * (1 - p) * q[..., 0] ** 2
+    if kind == "multiclass":
+        p = np.exp(z - z.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        pq = (p * q).sum(-1)
+        return (p * q * q).sum(-1) - pq * pq
+    return q[..., 0] ** 2
+
+
+class _Block:
+    """One block of heads with its data in float32 and its per-part sufficient statistics."""
+
+    def __init__(self, x: np.ndarray, bounds: list[tuple[int, int]], gram_parts: set[int], sqrt_w: np.ndarray | None):
+        self.x = x  # [block, rows, d_head] float32, rows sorted by part
+        self.fit_rows = max(bounds[p][1] for p in gram_parts)
+        if any(p not in gram_parts for p, (lo, _) in enumerate(bounds) if lo < self.fit_rows):
+            raise ValueError("trained parts must come first in the sorted row order")
+        self.sum = {}  # part -> [block, d]: column sums (unweighted)
+        self.sum_sq = {}  # part -> [block, d]
+        self.gram = {}  # part -> [block, d+1, d+1] float64: (class-weighted) Gram of [X, 1]
+        b_, _, d = x.shape
+        for p in sorted(gram_parts):
+            lo, hi = bounds[p]
+            xp = x[:, lo:hi]  # [block, part_rows, d]
+            ones = np.ones((1, hi - lo), np.float32)
+            self.sum[p] = np.matmul(ones, xp)[:, 0].astype(np.float64)  # a BLAS pass beats numpy's strided sum
+            g = np.empty((b_, d + 1, d + 1))
+            if sqrt_w is None:
+                for b in range(b_):
+                    g[b, :d, :d] = xp[b].T @ xp[b]  # syrk: [d, d]
+                self.sum_sq[p] = np.diagonal(g[:, :d, :d], axis1=1, axis2=2).copy()
+                g[:, :d, d] = self.sum[p]
+                g[:, d, d] = hi - lo
+            else:
+                ws = sqrt_w[lo:hi, None].astype(np.float32)
+                for b in range(b_):
+                    a = xp[b] * ws
+                    g[b, :d, :d] = a.T @ a
+                self.sum_sq[p] = (xp.astype(np.float64) ** 2).sum(1)
+                g[:, :d, d] = np.matmul((ws[:, 0] ** 2)[None, :], xp)[:, 0]
+                g[:, d, d] = float((sqrt_w[lo:hi] ** 2).sum())
+            g[:, d, :d] = g[:, :d, d]
+            self.gram[p] = g
+
+
+def run_blocks(fn: Callable[[int], None], starts: Iterable[int], workers: int | None) -> None:
+    """Call ``fn(start)`` for every block, on ``workers`` threads with single-threaded BLAS and torch.
+
+    Small BLAS calls (129 x 129 inverses, 2-column products) lose most of their time to thread synchronisation, and
+    on a shared machine a multi-threaded BLAS waiting on a descheduled thread stalls for whole time slices (we
+    measured 100x slowdowns); one block per core with one BLAS thread each avoids both. numpy's BLAS calls and
+    ufunc loops release the GIL, so the workers run in parallel.
+    """
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1), ThreadPoolExecutor(default_workers() if workers is None else workers) as pool:
+            for future in [pool.submit(fn, start) for start in starts]:
+                future.result()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def default_workers() -> int:
+    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
+
+
+def fit_newton(hm: HeadMajor, problem: ProbeProblem, probe: ProbeConfig, layers: list[int], n_heads: int,
+               workers: int | None = None, with_mass_mean: bool = True) -> tuple[HeadFits, MassMean | None]:
+    """Train every fit of ``problem`` for every head of ``hm`` to the optimum of the L2 objective, and (for
+    classification) the mass-mean probe from the same pass over the data."""
+    if probe.l1 > 0:
+        raise HeadlabError("the newton solver handles L2 only; use --probe.solver adam for --probe.l1 > 0")
+    kind = problem.kind
+    n_heads_total, n_rows, d = hm.n_heads, hm.rows, hm.d_head
+    fits = problem.fits
+    n_fits, k = len(fits), problem.outputs
+    order = hm.order
+    parts_sorted = problem.parts[order]
+    # per fit: row weights s_i * 1[train] / n_train  [rows, fits]
+    row_w = np.zeros((n_rows, n_fits))
+    sample_w = problem.sample_weight[order]
+    n_train = np.zeros(n_fits)
+    for f, fit in enumerate(fits):
+        train = np.isin(parts_sorted, fit.train_parts)
+        n_train[f] = train.sum()
+        row_w[:, f] = np.where(train, sample_w, 0.0) / n_train[f]
+    if kind == "multiclass":
+        targets = np.stack([np.eye(k)[fit.target[order]] for fit in fits], 1)  # [rows, fits, k]
+    else:
+        targets = np.stack([fit.target[order].astype(np.float64) for fit in fits], 1)  # [rows, fits]
+    gram_parts = {p for fit in fits for p in fit.train_parts}
+    weighted = not np.all(problem.sample_weight == 1.0)
+    sqrt_w = np.sqrt(sample_w) if weighted else None
+    curv = {"binary": 0.25, "multiclass": 0.5, "regression": 1.0}[kind]
+
+    weight = np.zeros((n_fits, n_heads_total, d, k), np.float32)
+    bias = np.zeros((n_fits, n_heads_total, k), np.float32)
+    scores = np.zeros((n_fits, n_rows, n_heads_total, k), np.float32)
+    iterations = np.zeros(n_heads_total, np.int64)
+    converged = np.ones((n_fits, n_heads_total), bool)
+    mass = MassMeanCollector(hm, problem) if with_mass_mean and kind != "regression" else None
+
+    def solve(h0: int) -> None:
+        h1 = min(h0 + hm.block_size, n_heads_total)
+        blk = _Block(hm.block(h0, h1), hm.bounds, gram_parts, sqrt_w)
+        check_finite(sum(blk.gram.values()), layers, n_heads, h0)  # NaN/inf in training rows
+        u, z, its, ok = _solve_block(blk, fits, kind, curv, probe, row_w, targets, n_train, k)
+        check_finite(z.transpose(0, 2, 1, 3), layers, n_heads, h0)  # ... and in the rows only scored
+        weight[:, h0:h1] = u[:, :, :d].transpose(1, 0, 2, 3)
+        bias[:, h0:h1] = u[:, :, d].transpose(1, 0, 2)
+        scores[:, :, h0:h1] = z.transpose(2, 1, 0, 3)
+        iterations[h0:h1] = its
+        converged[:, h0:h1] = ok.T
+        if mass is not None:
+            mass.add(h0, blk.x)
+
+    run_blocks(solve, range(0, n_heads_total, hm.block_size), workers)
+    unsorted = np.empty_like(scores)
+    unsorted[:, order] = scores
+    return HeadFits(weight, bias, unsorted, iterations, converged), None if mass is None else mass.result()
+
+
+class MassMeanCollector:
+    """Gathers :func:`probes.mass_mean.mass_mean_block` results of every block into one :class:`MassMean`."""
+
+    def __init__(self, hm: HeadMajor, problem: ProbeProblem):
+        self.hm, self.kind, self.n_classes = hm, problem.kind, problem.n_classes
+        self.y = problem.y[hm.order]
+        self.rows = max(hm.bounds[p][1] for p in problem.mass_mean_parts)
+        n_dir = 1 if problem.kind == "binary" else problem.n_classes
+        self.direction = np.zeros((hm.n_heads, n_dir, hm.d_head), np.float32)
+        self.norm = np.zeros((hm.n_heads, n_dir), np.float32)
+        self.std = np.zeros((hm.n_heads, n_dir), np.float32)
+        self.scores = np.zeros((hm.rows, hm.n_heads, problem.outputs), np.float32)
+
+    def add(self, h0: int, x: np.ndarray) -> None:
+        unit, norm, std, scores = mass_mean_block(x, self.y, self.rows, self.kind, self.n_classes)
+        h1 = h0 + x.shape[0]
+        self.direction[h0:h1], self.norm[h0:h1], self.std[h0:h1] = unit, norm, std
+        self.scores[:, h0:h1] = scores.transpose(1, 0, 2)
+
+    def result(self) -> MassMean:
+        unsorted = np.empty_like(self.scores)
+        unsorted[self.hm.order] = self.scores
+        return MassMean(self.direction, self.norm, self.std, unsorted)
+
+
+def fit_mass_mean(hm: HeadMajor, problem: ProbeProblem, workers: int | None = None) -> MassMean:
+    """The mass-mean probe of every head on its own (for backends other than newton)."""
+    mass = MassMeanCollector(hm, problem)
+    run_blocks(lambda h0: mass.add(h0, hm.block(h0, min(h0 + hm.block_size, hm.n_heads))),
+               range(0, hm.n_heads, hm.block_size), workers)
+    return mass.result()
+
+
+def _solve_block(blk: _Block, fits, kind: str, curv: float, probe: ProbeConfig, row_w: np.ndarray,
+                 targets: np.ndarray, n_train: np.ndarray, k: int):
+    """Solve all fits for one block. Returns ``u [block, fits, d+1, k]`` (last row: bias), ``z [block, rows,
+    fits, k]``, the iteration count and ``converged [block, fits]``."""
+    x = blk.x  # [B, N, d]
+    b_, _, d = x.shape
+    n_fits = len(fits)
+    penalty = np.zeros((b_, n_fits, d + 1))  # Lambda: l2 * sigma_j^2, 0 for the bias
+    h_inv = np.empty((b_, n_fits, d + 1, d + 1))
+    for f, fit in enumerate(fits):
+        n = n_train[f]
+        gram = sum(blk.gram[p] for p in fit.train_parts)
+        if probe.standardize:
+            mean = sum(blk.sum[p] for p in fit.train_parts) / n
+            var = sum(blk.sum_sq[p] for p in fit.train_parts) / n - mean * mean
+            penalty[:, f, :d] = probe.l2 * np.where(var > 1e-12, var, 1.0)
+        else:
+            penalty[:, f, :d] = probe.l2
+        h_inv[:, f] = np.linalg.inv(curv * gram / n + penalty[:, f, :, None] * np.eye(d + 1))
+    # rows any fit trains on: parts are sorted and every part before the last trained one is trained on
+    fit_rows = blk.fit_rows
+    xf = x[:, :fit_rows]  # [B, R, d]
+    xt = xf.transpose(0, 2, 1)  # [B, d, R] (a view: BLAS reads it transposed)
+    targets, row_w = targets[:fit_rows], row_w[:fit_rows]
+
+    def backward(r: np.ndarray) -> np.ndarray:  # r [B, R, F, k] -> X~^T r: [B, F, d+1, k]
+        gw = np.matmul(xt, r.reshape(b_, fit_rows, n_fits * k).astype(np.float32)).reshape(b_, d, n_fits, k)
+        return np.concatenate([gw.transpose(0, 2, 1, 3), r.sum(1)[:, :, None]], 2).astype(np.float64)
+
+    def forward(v: np.ndarray, data: np.ndarray) -> np.ndarray:  # v [B, F, d+1, k] -> X~ v: [B, rows, F, k]
+        w = v[:, :, :d].transpose(0, 2, 1, 3).reshape(b_, d, n_fits * k).astype(np.float32)
+        return np.matmul(data, w).reshape(b_, data.shape[1], n_fits, k).astype(np.float64) + v[:, None, :, d]
+
+    u = np.zeros((b_, n_fits, d + 1, k))
+    z = np.zeros((b_, fit_rows, n_fits, k))
+    w_rows = row_w[None, :, :]  # [1, R, F]
+    if kind == "regression":
+        rhs = backward((targets * row_w)[None, :, :, None] * np.ones((b_, 1, 1, 1)))
+        for f, fit in enumerate(fits):  # ridge: (G~/n + Lambda) u = X~^T y / n
+            gram = sum(blk.gram[p] for p in fit.train_parts)
+            u[:, f] = np.linalg.solve(gram / n_train[f] + penalty[:, f, :, None] * np.eye(d + 1), rhs[:, f])
+        return u, forward(u, x), 0, np.ones((b_, n_fits), bool)
+    iteration = 0
+    active = np.ones((b_, n_fits), bool)
+    for iteration in range(1, probe.max_iter + 1):
+        _, dz = loss_and_grad(z, targets, kind)
+        grad = backward(dz * w_rows[..., None]) + penalty[..., None] * u  # [B, F, d+1, k]
+        if kind == "multiclass":
+            grad -= grad.mean(-1, keepdims=True)
+        active = np.abs(grad).max((2, 3)) > probe.tol
+        if not active.any():
+            iteration -= 1
+            break
+        step = -np.matmul(h_inv, grad) * active[..., None, None]  # [B, F, d+1, k]
+        q = forward(step, xf)  # [B, R, F, k]
+        t = _line_search(z, q, u, step, penalty, targets, w_rows, kind)
+        u += t[..., None, None] * step
+        z += t[:, None, :, None] * q
+    else:
+        _, dz = loss_and_grad(z, targets, kind)
+        grad = backward(dz * w_rows[..., None]) + penalty[..., None] * u
+        if kind == "multiclass":
+            grad -= grad.mean(-1, keepdims=True)
+        active = np.abs(grad).max((2, 3)) > probe.tol
+    return u, forward(u, x), iteration, ~active
+
+
+def _line_search(z, q, u, step, penalty, targets, w_rows, kind: str) -> np.ndarray:
+    """Step length ``t [B, F]`` along ``step``: one 1-D Newton step from t = 1 on the exact objective, kept only
+    where it beats the bound's full step t = 1 (which is guaranteed to descend; the minimiser lies at t >= 1)."""
+    reg_uu = (penalty[..., None] * step * u).sum((2, 3))  # [B, F]
+    reg_dd = (penalty[..., None] * step * step).sum((2, 3))
+    zt = z + q
+    loss, dz = loss_and_grad(zt, targets, kind)
+    at_one = (loss * w_rows).sum(1) + reg_uu + 0.5 * reg_dd
+    first = ((dz * q).sum(-1) * w_rows).sum(1) + reg_uu + reg_dd
+    second = (_curvature(zt, q, kind) * w_rows).sum(1) + reg_dd
+    t = np.clip(1.0 - first / np.maximum(second, 1e-30), 1.0, 1e4)
+    loss, _ = loss_and_grad(z + t[:, None, :, None] * q, targets, kind)
+    at_t = (loss * w_rows).sum(1) + t * reg_uu + 0.5 * t * t * reg_dd
+    return np.where(at_t <= at_one, t, 1.0)
