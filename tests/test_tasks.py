@@ -63,13 +63,15 @@ def test_fixed_offset_variant_repeats_at_a_constant_distance():
     assert {s2 - s1 for _, s1, s2 in segments} == {30}
 
 
-def test_recall_target_is_the_value_paired_with_the_query_key():
-    task = make_task("recall")
+def test_recall_targets_are_the_values_paired_with_each_query_key():
+    task = make_task("recall", n_pairs=6, n_queries=3)
     batch = task.batch(32, seed=0)
-    for ids, target in zip(batch["input_ids"], batch["targets"][:, -1]):
-        keys, values = ids[:-1:2].tolist(), ids[1:-1:2].tolist()
+    for ids, targets in zip(batch["input_ids"], batch["targets"]):
+        keys, values = ids[:12:2].tolist(), ids[1:12:2].tolist()
         assert len(set(keys)) == len(keys)
-        assert values[keys.index(int(ids[-1]))] == int(target)
+        positions = (targets != -100).nonzero()[:, 0].tolist()
+        assert positions == [12, 14, 16]
+        assert [values[keys.index(int(ids[p]))] for p in positions] == targets[positions].tolist()
 
 
 def test_ioi_answer_is_the_name_seen_once_and_abc_corruption_uses_three_names():

@@ -11,7 +11,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import toymodels
 from headlab.heads import head_sites, hook_heads
 from headlab.interventions import zero_ablation
-from toymodels.ablation import ablation_effects, is_functional, random_head_reference, sequence_loss, target_loss
+from toymodels.ablation import (
+    ablation_effects,
+    group_effect,
+    is_functional,
+    random_head_reference,
+    sequence_loss,
+    target_loss,
+)
 
 
 def _model(**overrides) -> toymodels.ToyTransformer:
@@ -123,3 +130,16 @@ def test_functional_heads_beat_heads_without_a_function_by_more_than_their_noise
     # 1.0 - 0.2 = 0.8 > 3 * 0.1 -> functional; 0.5 - 0.2 = 0.3 < 3 * 0.2 -> not; undetected heads never are
     assert functional.tolist() == [[False, False], [True, False]]
     assert random_head_reference(effect, torch.ones(2, 2, dtype=torch.bool)) == 0.0
+    tiny = is_functional(torch.full((1, 1), 0.005), torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), 0.0)
+    assert not bool(tiny)  # below the min_effect floor even with zero noise
+
+
+def test_group_ablation_equals_zeroing_all_heads_weights():
+    model = _model()
+    batch = {"input_ids": IDS, "targets": IDS.roll(-1, dims=1)}
+    joint = group_effect(model, batch, [(0, 1), (1, 3)], kind="zero")
+    clean = sequence_loss(model(IDS).logits, batch["targets"])
+    with torch.no_grad():
+        model.blocks[0].attn.out_proj.weight[:, 4:8] = 0
+        model.blocks[1].attn.out_proj.weight[:, 12:16] = 0
+    assert joint == pytest.approx(float((sequence_loss(model(IDS).logits, batch["targets"]) - clean).mean()), abs=1e-5)

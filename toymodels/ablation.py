@@ -29,7 +29,7 @@ from torch import nn
 
 from headlab.errors import HeadlabError
 from headlab.heads import HeadFn, head_sites, hook_heads
-from headlab.interventions import mean_ablation, replace_heads, zero_ablation
+from headlab.interventions import compose, mean_ablation, replace_heads, zero_ablation
 
 AblationKind = Literal["zero", "mean", "resample"]
 Batch = dict[str, torch.Tensor]
@@ -151,15 +151,49 @@ def ablation_effects(
 
 
 def is_functional(
-    effect: torch.Tensor, stderr: torch.Tensor, detected: torch.Tensor, reference: float, n_sigma: float = 3.0
+    effect: torch.Tensor,
+    stderr: torch.Tensor,
+    detected: torch.Tensor,
+    reference: float,
+    n_sigma: float = 3.0,
+    min_effect: float = 0.01,
 ) -> torch.Tensor:
-    """Which detected heads are causally responsible: ``effect - reference > n_sigma * stderr``.
+    """Which detected heads are causally responsible: ``effect - reference > max(n_sigma * stderr, min_effect)``.
 
     ``reference`` is the mean effect of ablating a random head, one with no detected function (see
     :func:`random_head_reference`): a detected head is functional when its ablation hurts the task more than that,
-    by more than the sampling noise of its own effect. ``effect``, ``stderr``, ``detected``: ``[layer, head]``.
+    by more than the sampling noise of its own effect and by at least ``min_effect`` nats (a floor for a loss
+    near 0, where the noise vanishes too). ``effect``, ``stderr``, ``detected``: ``[layer, head]``.
     """
-    return detected & (effect - reference > n_sigma * stderr)
+    return detected & (effect - reference > (n_sigma * stderr).clamp_min(min_effect))
+
+
+@torch.no_grad()
+def group_effect(
+    model: nn.Module,
+    batch: Batch,
+    heads: list[tuple[int, int]],
+    kind: AblationKind = "mean",
+    other_batch: Batch | None = None,
+) -> float:
+    """Loss change when all ``heads`` are ablated together (redundant heads hide from one-at-a-time ablation)."""
+    if not heads:
+        return 0.0
+    was_training = model.training
+    model.eval()
+    try:
+        ids, targets = batch["input_ids"], batch["targets"]
+        clean = sequence_loss(_logits(model, ids), targets)
+        captured = capture_z(model, ids) if kind == "mean" else {}
+        other = None
+        if kind == "resample":
+            other = capture_z(model, other_batch["input_ids"] if other_batch is not None else ids.roll(1, dims=0))
+        fns = [_ablation(kind, head, captured, other) for head in heads]
+        with hook_heads(model, compose(*fns)):
+            ablated = sequence_loss(_logits(model, ids), targets)
+    finally:
+        model.train(was_training)
+    return float((ablated - clean).mean())
 
 
 def random_head_reference(effect: torch.Tensor, detected_any: torch.Tensor) -> float:

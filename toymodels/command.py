@@ -28,7 +28,14 @@ from data.tasks import Batch, Task, make_task
 from headlab.errors import HeadlabError
 from headlab.runs import atomic_write_json, atomic_write_text, save_config, to_plain
 from headlab.tracking import LoggerKind, finish, make_logger
-from toymodels.ablation import AblationKind, AblationResult, ablation_effects, target_accuracy, target_loss
+from toymodels.ablation import (
+    AblationKind,
+    AblationResult,
+    ablation_effects,
+    group_effect,
+    target_accuracy,
+    target_loss,
+)
 from toymodels.detectors import NullStats, null_distribution, score_heads, use_eager_attention
 from toymodels.emergence import EmergenceTracker, emerged_steps, log_linear_schedule, phase_change_step
 from toymodels.modeling import ToyTransformer
@@ -54,6 +61,8 @@ class DetectConfig:
     effect_sigma: float = 3.0
     """a detected head is functional when its ablation effect exceeds the mean effect of the role's other heads by
     effect_sigma standard errors"""
+    min_effect: float = 0.01
+    """and by at least this many nats (a floor for tasks solved to ~0 loss)"""
     pattern_preserving: bool = False
     """freeze every attention pattern to its clean value while ablating (toy models only)"""
     eval_batch_size: int = 128
@@ -68,6 +77,7 @@ class HeadMap:
     scores: dict[str, torch.Tensor]
     null: dict[str, NullStats]
     ablations: dict[str, AblationResult]
+    group_effect: float  # ablating every head detected for the task's role at once
 
 
 def map_heads(
@@ -90,8 +100,11 @@ def map_heads(
         kind: ablation_effects(model, eval_batch, kind, other_batch, pattern_preserving=cfg.pattern_preserving)
         for kind in ("zero", "mean", "resample")
     }
-    table = role_table(scores, null, ablations[cfg.ablation], cfg.n_sigma, cfg.effect_sigma, emerged)
-    return HeadMap(table, scores, null, ablations)
+    table = role_table(scores, null, ablations[cfg.ablation], cfg.n_sigma, cfg.effect_sigma, emerged, cfg.min_effect)
+    detected = table[(table["role"] == task.role) & table["detected"]]
+    heads = [(int(r.layer), int(r.head)) for r in detected.itertuples()]
+    joint = group_effect(model, eval_batch, heads, cfg.ablation, other_batch)
+    return HeadMap(table, scores, null, ablations, joint)
 
 
 def _ablation_frame(ablations: dict[str, AblationResult]) -> pd.DataFrame:
@@ -130,6 +143,8 @@ def _target_summary(head_map: HeadMap, role: str) -> dict[str, Any]:
         "threshold": float(row["threshold"]),
         "ablation_effect": float(row["ablation_effect"]),
         "effect_stderr": float(row["effect_stderr"]),
+        "n_detected": int(table[(table["role"] == role) & table["detected"]].shape[0]),
+        "group_ablation_effect": head_map.group_effect,
         "effect_reference": float(row["effect_reference"]),
         "emerged_step": None if pd.isna(row["emerged_step"]) else int(row["emerged_step"]),
         "detected": bool(row["detected"]),
@@ -284,6 +299,7 @@ def _target_line(target: dict[str, Any]) -> str:
             f"{target['score']:.3f} (null {target['null_mean']:.3f} +- {target['null_std']:.3f}, threshold "
             f"{target['threshold']:.3f}), ablation effect {target['ablation_effect']:+.3f} +- "
             f"{target['effect_stderr']:.3f} nats (random heads {target['effect_reference']:+.3f}), "
+            f"all {target['n_detected']} detected heads ablated together {target['group_ablation_effect']:+.3f}, "
             f"emerged at step {target['emerged_step']}, "
             f"formed={target['formed']}"
         )

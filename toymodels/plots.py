@@ -41,6 +41,7 @@ def plot_scores_over_steps(history: list[Snapshot], thresholds: dict[str, float]
         ax.axis("off")
     axes.flat[0].legend(fontsize=6, ncol=2)
     fig.suptitle("detector score per head over training")
+    fig.tight_layout()
     return _save(fig, path)
 
 

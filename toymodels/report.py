@@ -26,6 +26,7 @@ def role_table(
     n_sigma: float,
     effect_sigma: float,
     emerged: dict[tuple[str, int, int], int] | None = None,
+    min_effect: float = 0.01,
 ) -> pd.DataFrame:
     """Long-form table, one row per (layer, head, role) for every role that has a null distribution."""
     emerged = emerged or {}
@@ -39,7 +40,7 @@ def role_table(
     for role in roles:
         values, stats, detected = scores[role], null[role], detected_by_role[role]
         threshold = stats.threshold(n_sigma)
-        functional = is_functional(ablation.effect, ablation.stderr, detected, reference, effect_sigma)
+        functional = is_functional(ablation.effect, ablation.stderr, detected, reference, effect_sigma, min_effect)
         for layer in range(values.shape[0]):
             for head in range(values.shape[1]):
                 rows.append(

@@ -1,9 +1,10 @@
-"""Associative recall: key-value pairs, then a query key; predict its value (Ba et al. 2016; Zoology,
-Arora et al. 2023).
+"""Multi-query associative recall: key-value pairs, then query keys each followed by its value (Ba et al. 2016;
+MQAR from Zoology, Arora et al. 2023).
 
-Target head function: induction (the head at the query key attends to the token after the key's earlier
-occurrence, its value, and copies it). Metric: cross-entropy (and accuracy) of the value at the last position.
-Keys ``0 .. n_keys - 1``, values ``n_keys .. n_keys + n_values - 1``; keys within a sequence are distinct.
+Target head function: induction (the head at a query key attends to the token after the key's earlier
+occurrence, its value, and copies it). Metric: cross-entropy (and accuracy) of the value at each query key.
+Keys ``0 .. n_keys - 1``, values ``n_keys .. n_keys + n_values - 1``; keys within a sequence are distinct, and
+so are the ``n_queries`` queried keys.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ class RecallTask(Task):
     n_keys: int = 32
     n_values: int = 32
     n_pairs: int = 12
+    n_queries: int = 4
 
     def __post_init__(self) -> None:
         if self.n_pairs > self.n_keys:
             raise ValueError(f"n_pairs {self.n_pairs} exceeds n_keys {self.n_keys} (keys are distinct)")
+        if not 1 <= self.n_queries <= self.n_pairs:
+            raise ValueError(f"n_queries {self.n_queries} must lie in [1, n_pairs={self.n_pairs}]")
 
     @property
     def vocab_size(self) -> int:
@@ -34,15 +38,17 @@ class RecallTask(Task):
 
     @property
     def seq_len(self) -> int:
-        return 2 * self.n_pairs + 1
+        return 2 * (self.n_pairs + self.n_queries)
 
     def _sample(self, batch_size: int, generator: torch.Generator, split: str) -> Batch:
         n = batch_size
         keys = torch.rand(n, self.n_keys, generator=generator).argsort(dim=1)[:, : self.n_pairs]  # [B, P]
         values = self.n_keys + randint(self.n_values, (n, self.n_pairs), generator)  # [B, P]
-        which = randint(self.n_pairs, (n, 1), generator)  # [B, 1]
+        which = torch.rand(n, self.n_pairs, generator=generator).argsort(dim=1)[:, : self.n_queries]  # [B, Q]
         pairs = torch.stack((keys, values), dim=2).flatten(1)  # [B, 2P]: k1 v1 k2 v2 ...
-        tokens = torch.cat((pairs, keys.gather(1, which)), dim=1)  # [B, 2P + 1]
+        queries = torch.stack((keys.gather(1, which), values.gather(1, which)), dim=2).flatten(1)  # [B, 2Q]
+        tokens = torch.cat((pairs, queries), dim=1)  # [B, 2P + 2Q]
         targets = torch.full_like(tokens, IGNORE)
-        targets[:, -1] = values.gather(1, which)[:, 0]
+        query_pos = 2 * self.n_pairs + 2 * torch.arange(self.n_queries)  # each query key predicts its value
+        targets[:, query_pos] = tokens[:, query_pos + 1]
         return {"input_ids": tokens, "targets": targets}
