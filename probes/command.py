@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ log = logging.getLogger("headlab.probe")
 BLOCK_HEADS = 8  # heads per block: 8 x 6000 rows x 128 dims x 4 bytes = 24 MB, inside a 32 MB L3
 
 
-def probe(
+def probe_heads(
     cache: Path,
     out: Path = Path("runs/probe"),
     probe: ProbeConfig = ProbeConfig(),  # noqa: B008 (frozen dataclass: jsonargparse builds --probe.* from it)
@@ -74,9 +75,11 @@ def probe(
     n_layers, n_heads = len(heads_cache.layers), heads_cache.n_heads
     total = n_layers * n_heads
     for name, k in [("report.top_k", report.top_k), ("steer.top_k", steer.top_k)]:
-        if not 1 <= k <= total:
+        if k is not None and not 1 <= k <= total:
             raise HeadlabError(f"--{name} {k} asks for more heads than the cache has ({n_layers} layers x "
                                f"{n_heads} heads = {total}); use a number from 1 to {total}")
+    report = replace(report, top_k=min(10, total) if report.top_k is None else report.top_k)
+    steer = replace(steer, top_k=min(5, total) if steer.top_k is None else steer.top_k)
     problem = build_problem(heads_cache, probe, split, control)
     solver = probe.solver if probe.solver != "auto" else ("adam" if probe.l1 > 0 else "newton")
     out.mkdir(parents=True, exist_ok=True)
@@ -86,8 +89,11 @@ def probe(
         with no_hugepage_advice(), ThreadPoolExecutor(1) as pool:
             checked = pool.submit(heads_cache.verify)
             fits, mass = _fit(reader, problem, probe, solver, track, split.seed, workers, out)
+            timings = {"fit": time.perf_counter() - start}
             checked.result()  # a damaged shard raises here, before anything is reported
+            timings["checksums_waited"] = time.perf_counter() - start - timings["fit"]
         frame = evaluate(problem, fits, mass, control, heads_cache.layers, n_heads, split.seed)
+        timings["metrics"] = time.perf_counter() - start - sum(timings.values())
         metric = default_metric(problem, report.metric, frame)
         seconds = time.perf_counter() - start
         heads_csv = write_heads(out, frame)
@@ -104,6 +110,8 @@ def probe(
             from probes.steer_run import steer_top_heads
 
             data["steering"] = steer_top_heads(heads_cache, problem, frame, directions, steer, split.seed)
+        timings["outputs"] = time.perf_counter() - start - sum(timings.values())
+        data["timings"] = {k: round(v, 3) for k, v in timings.items()}
         write_summary(out, data)
         scalars = {k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         log_to_tracker(track, frame, scalars, heatmap, directions, out.name)
@@ -111,6 +119,11 @@ def probe(
         finish(track)
     _print_report(frame, top, problem.kind, heads_csv, heatmap, time.perf_counter() - start)
     return out
+
+
+# ``train.py probe`` resolves ``probes.command:probe``. The function itself has another name because jsonargparse
+# names the command's option group after the function, which would collide with the nested ``--probe.*`` group.
+probe = probe_heads
 
 
 def _fit(reader: HeadCache, problem, probe: ProbeConfig, solver: str, track, seed: int, workers: int | None,

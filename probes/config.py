@@ -50,7 +50,8 @@ class ProbeConfig:
     """Rows per minibatch (adam solver)."""
     patience: int = 5
     """Early stopping: epochs without a lower validation loss before training stops (adam solver, holdout split);
-    each head keeps its weights from its own best validation epoch."""
+    each head keeps its weights from its own best validation epoch. 0: no early stopping, train every epoch and
+    keep the last weights (the regularised optimum, comparable with the other backends)."""
     max_iter: int = 50
     """Maximum Newton iterations per head block (newton solver)."""
     tol: float = 1e-4
@@ -99,10 +100,11 @@ class ControlConfig:
 class ReportConfig:
     """What the run directory and W&B receive."""
 
-    top_k: int = 10
-    """Heads listed in summary.json (chosen on validation, reported on test)."""
+    top_k: int | None = None
+    """Heads listed in summary.json and boxed in the heatmap (chosen on validation, reported on test); default 10,
+    or every head when the cache has fewer."""
     metric: str | None = None
-    """Ranking/heatmap metric; default accuracy (classification) or r2 (regression)."""
+    """Heatmap metric (a heads.csv column); default accuracy (classification) or r2 (regression)."""
 
 
 @dataclass(frozen=True)
@@ -111,8 +113,8 @@ class SteerConfig:
 
     enabled: bool = False
     """Run the steering check after probing (loads the cache's model and dataset)."""
-    top_k: int = 5
-    """Heads steered together (the top heads by validation score)."""
+    top_k: int | None = None
+    """Heads steered together (the top heads by validation score); default 5, or every head when fewer."""
     alpha: float = 5.0
     """Shift size in units of the activations' std along each direction (ITI's alpha)."""
     direction: Literal["mass_mean", "probe"] = "mass_mean"

@@ -130,7 +130,7 @@ def fit_adam(cache: HeadCache, problem: ProbeProblem, probe: ProbeConfig, logger
     train_sets = [problem.train_mask(f) for f in fits]
     train_rows = np.flatnonzero(np.any(train_sets, axis=0))
     val_rows = None
-    if "val" in problem.part_names:
+    if "val" in problem.part_names and probe.patience > 0:
         val_rows = np.flatnonzero(problem.parts == problem.part_names.index("val"))
     dm = ProbeDataModule(cache, train_rows, val_rows, probe.batch_size, seed)
     if probe.standardize:
