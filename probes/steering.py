@@ -12,7 +12,6 @@ share of random sets whose absolute shift reaches the probe's (an empirical p-va
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
@@ -80,8 +79,7 @@ class SteeringResult:
 
 @torch.no_grad()
 def _readout(model: nn.Module, inputs: dict[str, torch.Tensor], readout: Readout, fn=None) -> torch.Tensor:
-    accepts = "output_hidden_states" in inspect.signature(model.forward).parameters
-    kwargs = {"output_hidden_states": True} if accepts else {}
+    kwargs = {"output_hidden_states": True}  # Hugging Face models accept it (some only through **kwargs)
     if fn is None:
         return readout(model(**inputs, **kwargs), inputs).float()
     with hook_heads(model, fn):

@@ -168,7 +168,8 @@ def test_cli_probe_writes_the_contract_outputs(binary_cache, tmp_path):
     assert {"layer", "head", "accuracy", "val_accuracy", "auroc", "ece", "selectivity", "p_value"} <= set(heads)
     assert len(heads) == LAYERS * HEADS
     summary = json.loads((out / "summary.json").read_text())
-    assert [(t["layer"], t["head"]) for t in summary["top_heads"]][0] == SIGNAL
+    best = summary["top_heads"][0]
+    assert (best["layer"], best["head"]) == SIGNAL
     assert (out / "heatmap.png").stat().st_size > 0
     tensors, meta = load_directions(out / "directions.safetensors")
     assert tensors["probe_weight"].shape == (LAYERS, HEADS, D, 1)
@@ -338,7 +339,7 @@ def test_nan_or_inf_activations(tmp_path, bad, row):
     x, y = planted()
     x[row, 1, 0, 3] = bad
     cache = cache_of(tmp_path / "c", x, y)
-    with pytest.raises(HeadlabError, match="NaN or inf activations.*layer 1, head 0"):
+    with pytest.raises(HeadlabError, match=r"NaN or inf activations.*layer 1, head 0"):
         probe(cache.path, tmp_path / "r", logger="none")
 
 
