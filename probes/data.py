@@ -253,7 +253,7 @@ class HeadMajor:
         rows = self._buffers.rows[:, :b]
         for index in range(acts.n_shards):
             lo, hi = acts.shard_bounds(index)
-            shard = acts.shard(index).reshape(hi - lo, self.n_heads, self.d_head)[:, h0:h1]  # [shard_rows, b, d]
+            shard = acts.shard(index).reshape(hi - lo, -1, self.d_head)[:, h0:h1]  # [shard_rows, b, d]
             with warnings.catch_warnings():  # read-only memmap: torch warns that it is not writable; we only read
                 warnings.simplefilter("ignore", UserWarning)
                 source = torch.from_numpy(shard)

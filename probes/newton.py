@@ -242,15 +242,20 @@ def _solve_block(blk: _Block, fits, kind: str, curv: float, probe: ProbeConfig, 
     n_fits = len(fits)
     penalty = np.zeros((b_, n_fits, d + 1))  # Lambda: l2 * sigma_j^2, 0 for the bias
     h_inv = np.empty((b_, n_fits, d + 1, d + 1))
+    inverted: dict[tuple[int, ...], int] = {}  # fits on the same rows (task, control) share one bound matrix
     for f, fit in enumerate(fits):
         n = n_train[f]
-        gram = sum(blk.gram[p] for p in fit.train_parts)
         if probe.standardize:
             mean = sum(blk.sum[p] for p in fit.train_parts) / n
             var = sum(blk.sum_sq[p] for p in fit.train_parts) / n - mean * mean
             penalty[:, f, :d] = probe.l2 * np.where(var > 1e-12, var, 1.0)
         else:
             penalty[:, f, :d] = probe.l2
+        if fit.train_parts in inverted:
+            h_inv[:, f] = h_inv[:, inverted[fit.train_parts]]
+            continue
+        inverted[fit.train_parts] = f
+        gram = sum(blk.gram[p] for p in fit.train_parts)
         h_inv[:, f] = np.linalg.inv(curv * gram / n + penalty[:, f, :, None] * np.eye(d + 1))
     # rows any fit trains on: parts are sorted and every part before the last trained one is trained on
     fit_rows = blk.fit_rows
@@ -276,42 +281,87 @@ def _solve_block(blk: _Block, fits, kind: str, curv: float, probe: ProbeConfig, 
             gram = sum(blk.gram[p] for p in fit.train_parts)
             u[:, f] = np.linalg.solve(gram / n_train[f] + penalty[:, f, :, None] * np.eye(d + 1), rhs[:, f])
         return u, forward(u, x), 0, np.ones((b_, n_fits), bool)
-    iteration = 0
-    active = np.ones((b_, n_fits), bool)
-    for iteration in range(1, probe.max_iter + 1):
+    def gradient() -> np.ndarray:  # [B, F, d+1, k]
         _, dz = loss_and_grad(z, targets, kind)
-        grad = backward(dz * w_rows[..., None]) + penalty[..., None] * u  # [B, F, d+1, k]
-        if kind == "multiclass":
-            grad -= grad.mean(-1, keepdims=True)
-        active = np.abs(grad).max((2, 3)) > probe.tol
-        if not active.any():
-            iteration -= 1
-            break
+        grad = backward(dz * w_rows[..., None]) + penalty[..., None] * u
+        return grad - grad.mean(-1, keepdims=True) if kind == "multiclass" else grad
+
+    # bound-optimisation steps for the whole block; binary heads still unconverged after BOUND_STEPS (nearly
+    # separable classes, where the bound overestimates the curvature most) finish with exact Newton steps
+    bound_steps = probe.max_iter if kind == "multiclass" else min(BOUND_STEPS, probe.max_iter)
+    iteration = 0
+    grad = gradient()
+    active = np.abs(grad).max((2, 3)) > probe.tol
+    while active.any() and iteration < bound_steps:
+        iteration += 1
         step = -np.matmul(h_inv, grad) * active[..., None, None]  # [B, F, d+1, k]
         q = forward(step, xf)  # [B, R, F, k]
         t = _line_search(z, q, u, step, penalty, targets, w_rows, kind)
         u += t[..., None, None] * step
         z += (t[:, None, :, None] * q).astype(np.float32)
-    else:
-        _, dz = loss_and_grad(z, targets, kind)
-        grad = backward(dz * w_rows[..., None]) + penalty[..., None] * u
-        if kind == "multiclass":
-            grad -= grad.mean(-1, keepdims=True)
+        grad = gradient()
         active = np.abs(grad).max((2, 3)) > probe.tol
+    for b, f in zip(*np.nonzero(active)):
+        steps, converged = _exact_newton(xf[b], u[b, f], z[b, :, f], targets[:, f], row_w[:, f], penalty[b, f],
+                                         probe.tol, probe.max_iter - iteration)
+        active[b, f] = not converged
+        iteration = max(iteration, BOUND_STEPS + steps)
     return u, forward(u, x), iteration, ~active
 
 
-def _line_search(z, q, u, step, penalty, targets, w_rows, kind: str) -> np.ndarray:
+BOUND_STEPS = 6
+
+
+def _exact_newton(x: np.ndarray, u: np.ndarray, z: np.ndarray, y: np.ndarray, w: np.ndarray, penalty: np.ndarray,
+                  tol: float, max_steps: int) -> tuple[int, bool]:
+    """Newton's method with the exact Hessian ``X~^T diag(w p (1-p)) X~ + Lambda`` for one binary probe, in place
+    on ``u [d+1, 1]`` and ``z [R, 1]``. Returns the steps taken and whether the gradient fell below ``tol``."""
+    d = x.shape[1]
+    for steps in range(max_steps + 1):
+        p = 1.0 / (1.0 + np.exp(-z[:, 0].astype(np.float64)))
+        r = w * (p - y)
+        grad = np.concatenate([x.T @ r.astype(np.float32), [r.sum()]]) + penalty * u[:, 0]
+        if np.abs(grad).max() <= tol or steps == max_steps:
+            return steps, bool(np.abs(grad).max() <= tol)
+        curvature = np.sqrt(w * p * (1 - p)).astype(np.float32)[:, None]
+        a = x * curvature
+        hessian = np.empty((d + 1, d + 1))
+        hessian[:d, :d] = a.T @ a
+        hessian[:d, d] = hessian[d, :d] = a.T @ curvature[:, 0]
+        hessian[d, d] = float((curvature.astype(np.float64) ** 2).sum())
+        hessian[np.diag_indices(d + 1)] += penalty
+        step = -np.linalg.solve(hessian, grad)[:, None]  # [d+1, 1]
+        q = (x @ step[:d].astype(np.float32) + np.float32(step[d, 0]))  # [R, 1]
+        t = _line_search(z[None, :, None], q[None, :, None], u[None, None], step[None, None],
+                         penalty[None, None], y[:, None], w[None, :, None], "binary", start=0.0)
+        u += t[0, 0] * step
+        z += (t[0, 0] * q).astype(np.float32)
+    return max_steps, False
+
+
+def _line_search(z, q, u, step, penalty, targets, w_rows, kind: str, start: float = 1.0) -> np.ndarray:
     """Step length ``t [B, F]`` along ``step``: one 1-D Newton step from t = 1 on the exact objective, kept only
-    where it beats the bound's full step t = 1 (which is guaranteed to descend; the minimiser lies at t >= 1)."""
+    where it beats the full step t = 1. For bound-optimisation steps t = 1 is guaranteed to descend and the
+    minimiser lies at t >= 1 (``start``); for exact Newton steps (``start = 0``) t is halved until it descends."""
     reg_uu = (penalty[..., None] * step * u).sum((2, 3))  # [B, F]
     reg_dd = (penalty[..., None] * step * step).sum((2, 3))
+
+    def objective(t):
+        loss, _ = loss_and_grad(z + (t[:, None, :, None] * q).astype(np.float32), targets, kind)
+        return (loss * w_rows).sum(1) + t * reg_uu + 0.5 * t * t * reg_dd
+
     zt = z + q
     loss, dz = loss_and_grad(zt, targets, kind)
     at_one = (loss * w_rows).sum(1) + reg_uu + 0.5 * reg_dd
     first = ((dz * q).sum(-1) * w_rows).sum(1) + reg_uu + reg_dd
     second = (_curvature(zt, q, kind) * w_rows).sum(1) + reg_dd
-    t = np.clip(1.0 - first / np.maximum(second, 1e-30), 1.0, 1e4)
-    loss, _ = loss_and_grad(z + t[:, None, :, None] * q, targets, kind)
-    at_t = (loss * w_rows).sum(1) + t * reg_uu + 0.5 * t * t * reg_dd
-    return np.where(at_t <= at_one, t, 1.0)
+    t = np.clip(1.0 - first / np.maximum(second, 1e-30), max(start, 1e-3), 1e4)
+    best = np.where(objective(t) <= at_one, t, 1.0)
+    if start < 1.0:  # exact Newton: make sure the step descends
+        at_zero = objective(np.zeros_like(best))
+        for _ in range(30):
+            worse = objective(best) > at_zero
+            if not worse.any():
+                break
+            best = np.where(worse, best / 2, best)
+    return best
