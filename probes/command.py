@@ -30,7 +30,7 @@ from probes.report import (
 )
 
 log = logging.getLogger("headlab.probe")
-BLOCK_HEADS = 8  # heads per block: 8 x 6000 rows x 128 dims x 4 bytes = 24 MB, inside a 32 MB L3
+BLOCK_HEADS = 4  # heads per block: 4 x 6000 rows x 128 dims x 4 bytes = 12 MB; two workers fit a 32 MB L3
 
 
 def probe_heads(

@@ -248,18 +248,18 @@ class HeadMajor:
         """
         acts, b = self.activations, h1 - h0
         if not hasattr(self._buffers, "rows"):
-            self._buffers.rows = torch.empty((self.rows, self.block_size, self.d_head))  # [rows, block, d_head]
+            dtype = torch.from_numpy(np.empty(0, acts.dtype)).dtype
+            self._buffers.rows = torch.empty((self.rows, self.block_size, self.d_head), dtype=dtype)
             self._buffers.out = torch.empty((self.block_size, self.rows, self.d_head))  # [block, rows, d_head]
-        rows = self._buffers.rows[:, :b]
+        rows = self._buffers.rows[:, :b]  # [rows, b, d_head] in the cache dtype, sorted rows
         for index in range(acts.n_shards):
             lo, hi = acts.shard_bounds(index)
             shard = acts.shard(index).reshape(hi - lo, -1, self.d_head)[:, h0:h1]  # [shard_rows, b, d]
             with warnings.catch_warnings():  # read-only memmap: torch warns that it is not writable; we only read
                 warnings.simplefilter("ignore", UserWarning)
-                source = torch.from_numpy(shard)
-            rows.index_copy_(0, self._position[lo:hi], source.to(torch.float32))
+                rows.index_copy_(0, self._position[lo:hi], torch.from_numpy(shard))
         out = self._buffers.out[:b]
-        out.copy_(rows.permute(1, 0, 2))
+        out.copy_(rows.permute(1, 0, 2))  # one vectorised pass: transpose and convert to float32
         return out.numpy()
 
 

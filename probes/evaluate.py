@@ -44,7 +44,7 @@ def evaluate(problem: ProbeProblem, fits: HeadFits, mass: MassMean | None, contr
     for f, part in problem.rank_on:
         rows = problem.parts == part
         rank_scores.append(score_part(fits.scores[f, rows], problem.y[rows], kind, n_classes,
-                                      control.calibration_bins)[metric])
+                                      control.calibration_bins, primary_only=True)[metric])
     if len(rank_scores) == 1:
         table[f"val_{metric}"] = rank_scores[0]
     else:
@@ -72,7 +72,7 @@ def evaluate(problem: ProbeProblem, fits: HeadFits, mass: MassMean | None, contr
         control_scores = fits.scores[problem.control_fit, test]
         control_y = problem.fits[problem.control_fit].target[test]
         table[f"control_{metric}"] = score_part(control_scores, control_y, kind, n_classes,
-                                                control.calibration_bins)[metric]
+                                                control.calibration_bins, primary_only=True)[metric]
         table["selectivity"] = table[metric] - table[f"control_{metric}"]
     if mass is not None:
         mass_pred = predictions(mass.scores[test], kind)

@@ -119,7 +119,8 @@ def bootstrap_weights(n: int, groups: np.ndarray | None, resamples: int, seed: i
 def percentile_interval(samples: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
     """Percentile bootstrap interval over axis 0."""
     tail = (1 - confidence) / 2 * 100
-    return np.nanpercentile(samples, tail, axis=0), np.nanpercentile(samples, 100 - tail, axis=0)
+    low, high = np.percentile(samples, [tail, 100 - tail], axis=0)
+    return low, high
 
 
 def bootstrap_metric(pred: np.ndarray, y: np.ndarray, metric: str, n_classes: int, weights: np.ndarray
@@ -174,13 +175,15 @@ def primary_metric(kind: str) -> str:
     return "r2" if kind == "regression" else "accuracy"
 
 
-def score_part(scores: np.ndarray, y: np.ndarray, kind: str, n_classes: int, calibration_bins: int
-               ) -> dict[str, np.ndarray]:
-    """Every point metric of one fit on one part: ``{name: [heads]}``."""
+def score_part(scores: np.ndarray, y: np.ndarray, kind: str, n_classes: int, calibration_bins: int,
+               primary_only: bool = False) -> dict[str, np.ndarray]:
+    """Every point metric of one fit on one part (or only the primary one): ``{name: [heads]}``."""
     pred = predictions(scores, kind)
     if kind == "regression":
         return {"r2": r2(pred, y)}
     out = {"accuracy": accuracy(pred, y)}
+    if primary_only:
+        return out
     if kind == "binary":
         out["auroc"] = auroc(scores[..., 0], y)
     else:
