@@ -106,11 +106,12 @@ def probe_heads(
                                      n_heads)
         data = summary(frame, problem, report.top_k, primary_metric(problem.kind),
                        {**settings, "backend": probe.backend, "solver": solver}, seconds)
+        timings["outputs"] = time.perf_counter() - start - sum(timings.values())
         if steer.enabled:
             from probes.steer_run import steer_top_heads
 
             data["steering"] = steer_top_heads(heads_cache, problem, frame, directions, steer, split.seed)
-        timings["outputs"] = time.perf_counter() - start - sum(timings.values())
+            timings["steering"] = time.perf_counter() - start - sum(timings.values())
         data["timings"] = {k: round(v, 3) for k, v in timings.items()}
         write_summary(out, data)
         scalars = {k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -306,7 +306,8 @@ def _solve_block(blk: _Block, fits, kind: str, curv: float, probe: ProbeConfig, 
                                          probe.tol, probe.max_iter - iteration)
         active[b, f] = not converged
         iteration = max(iteration, BOUND_STEPS + steps)
-    return u, forward(u, x), iteration, ~active
+    # training rows already hold their scores in z; only the held-out rows need a pass
+    return u, np.concatenate([z, forward(u, x[:, fit_rows:])], 1), iteration, ~active
 
 
 BOUND_STEPS = 6

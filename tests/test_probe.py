@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 os.environ["WANDB_MODE"] = "disabled"
 
@@ -361,3 +362,11 @@ def test_more_heads_requested_than_exist(binary_cache, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and "more heads than the cache has" in err[0] and "2 layers x 3 heads" in err[0]
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs" / "probe").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_probe_configs_parse(path):
+    parser, _ = build_parser("probe")
+    cfg = parser.parse_args(["--config", str(path), "--cache", "somewhere"])
+    assert cfg.probe.l2 > 0
