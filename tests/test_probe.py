@@ -370,3 +370,30 @@ def test_shipped_probe_configs_parse(path):
     parser, _ = build_parser("probe")
     cfg = parser.parse_args(["--config", str(path), "--cache", "somewhere"])
     assert cfg.probe.l2 > 0
+
+
+def test_multiclass_grouped_run_reports_macro_f1_with_intervals(tmp_path):
+    x, y = planted("multiclass")
+    groups = np.repeat(np.arange(ROWS // 4), 4)
+    cache = cache_of(tmp_path / "c", x, y, groups=groups)
+    probe(cache.path, tmp_path / "r", logger="none", control=ControlConfig(permutations=100, bootstrap=100))
+    heads = pd.read_csv(tmp_path / "r" / "heads.csv")
+    assert {"accuracy", "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high", "ece", "mass_mean_accuracy"} <= set(heads)
+    best = heads.sort_values("rank").iloc[0]
+    assert (best["layer"], best["head"]) == SIGNAL
+    assert best["macro_f1_ci_low"] <= best["macro_f1"] <= best["macro_f1_ci_high"]
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["problem"]["grouped"] is True
+
+
+def test_regression_run_reports_r2(tmp_path):
+    x, y = planted("regression")
+    cache = cache_of(tmp_path / "c", x, y)
+    probe(cache.path, tmp_path / "r", logger="none", control=ControlConfig(permutations=100, bootstrap=100))
+    heads = pd.read_csv(tmp_path / "r" / "heads.csv")
+    assert {"r2", "val_r2", "r2_ci_low", "r2_ci_high", "p_value", "control_r2", "selectivity"} <= set(heads)
+    assert "accuracy" not in heads
+    best = heads.sort_values("rank").iloc[0]
+    assert (best["layer"], best["head"]) == SIGNAL and best["r2"] > 0.3
+    tensors, _ = load_directions(tmp_path / "r" / "directions.safetensors")
+    assert "mass_mean_direction" not in tensors
