@@ -105,3 +105,12 @@ def test_cli_parses_toy_options_and_task_options(capsys):
 def test_cli_reports_an_unknown_task_as_a_one_line_error(tmp_path, capsys):
     assert main(["toy", "--task", "telepathy", "--out", str(tmp_path / "x"), "--logger", "none"]) == 2
     assert "unknown task 'telepathy'" in capsys.readouterr().err
+
+
+def test_saved_config_parses_back_into_the_same_run(run_dir):
+    from headlab.cli import build_parser
+
+    parser, _ = build_parser("toy")
+    cfg = parser.parse_args(["--config", str(run_dir / "config.yaml")])
+    assert cfg.task == "induction" and cfg.task_options == TINY and cfg.train.steps == 20
+    assert cfg.model.d_model == 16 and cfg.detection.n_null == 2

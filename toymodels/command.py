@@ -379,8 +379,7 @@ def detect(
     revision: str | None = None,
     seed: int = 0,
 ) -> Path:
-    """Score every head of a saved toy model or a Hugging Face causal LM with the detectors, null thresholds and
-    ablations on a task.
+    """Score every head of a saved toy model or Hugging Face causal LM: detectors, null thresholds, ablations.
 
     Args:
         model: a save_pretrained directory (e.g. runs/toy/model) or a Hugging Face hub id.
