@@ -24,6 +24,7 @@ first 4 layers only).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -112,7 +113,9 @@ def bench_shape(name: str, rows: int, layers: int, heads: int, d_head: int, root
     problem = build_problem(HeadCache.open(cache_dir), ProbeConfig(), split, ControlConfig(control_task=False))
     n_train = int((problem.parts == 0).sum())
     seconds, frame = run_headlab(cache_dir, out, split, n_train)
-    print(f"[{name}] headlab probe end to end: {seconds:.2f} s ({layers * heads} heads, task + control fits)")
+    timings = json.loads((out / "summary.json").read_text())["timings"]
+    print(f"[{name}] headlab probe end to end: {seconds:.2f} s ({layers * heads} heads, task + control fits; "
+          + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()) + ")")
     found = frame.sort_values("rank").head(10)
     hits = len({(int(a), int(b)) for a, b in zip(found["layer"], found["head"])} & set(planted[-10:]))
     print(f"[{name}] planted heads in headlab's top 10: {hits}/10 (of the 10 strongest planted)")
