@@ -151,7 +151,8 @@ def fit_adam(cache: HeadCache, problem: ProbeProblem, probe: ProbeConfig, logger
     trainer = pl.Trainer(max_epochs=probe.epochs, logger=logger, callbacks=callbacks, accelerator="cpu",
                          enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
                          enable_progress_bar=sys.stdout.isatty(), log_every_n_steps=1, default_root_dir=run_dir,
-                         limit_val_batches=1.0 if val_rows is not None else 0)
+                         limit_val_batches=1.0 if val_rows is not None else 0,
+                         reload_dataloaders_every_n_epochs=1)  # a new row shuffle every epoch
     trainer.fit(module, datamodule=dm)
     module.use_best()
     module.eval()
