@@ -10,10 +10,15 @@ the expensive part, so the solver is built around passes over the data rather th
 3. Logistic and softmax losses use Böhning's bound on the Hessian (Böhning 1992, "Multinomial logistic regression
    algorithm", Ann. Inst. Statist. Math. 44): ``H <= c * X~^T S X~ / n + Lambda`` with ``c = 1/4`` (binary) or
    ``c = 1/2`` on the class-centred subspace (softmax). Its inverse is computed once per fit, so an iteration is
-   two matrix-vector passes (``X~ D`` and ``X~^T R``); the bound makes the full step a descent step, and an exact
-   line search along it (a few 1-D Newton steps; the minimiser lies at t >= 1 because the bound majorises the
-   loss) recovers the curvature the bound overestimates on well-separated heads.
+   two matrix-vector passes (``X~ D`` and ``X~^T R``); the bound makes the full step a descent step, and a line
+   search along it (one 1-D Newton step; the minimiser lies at t >= 1 because the bound majorises the loss)
+   recovers part of the curvature the bound overestimates on well-separated heads. Binary probes still above
+   the tolerance after ``BOUND_STEPS`` steps (nearly separable heads, a handful per model) finish with exact
+   Newton steps (their own weighted Gram per step).
 4. Regression (ridge) is solved in closed form from the same Gram.
+
+Measured on a shared 2-core AMD EPYC VM (LLaMA-7B shape, 1024 heads, 6000 rows, task + control probes): about one
+scikit-learn lbfgs fit per head's time (~10 ms/head), with per-head test accuracies within 0.0004 of it.
 
 The objective matches :mod:`probes.config` (and scikit-learn's ``LogisticRegression(C=1/(l2*n))`` on standardised
 inputs with an unpenalised intercept): standardisation enters only as the penalty ``l2 * sigma_j^2 w_j^2`` in raw
