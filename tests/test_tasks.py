@@ -63,6 +63,11 @@ def test_fixed_offset_variant_repeats_at_a_constant_distance():
     assert {s2 - s1 for _, s1, s2 in segments} == {30}
 
 
+def test_fixed_offset_task_is_detected_on_random_offsets():
+    segments = _segments(make_task("induction", fixed_offset=30).detection_batch(100, seed=2))
+    assert len({s2 - s1 for _, s1, s2 in segments}) > 10
+
+
 def test_recall_targets_are_the_values_paired_with_each_query_key():
     task = make_task("recall", n_pairs=6, n_queries=3)
     batch = task.batch(32, seed=0)

@@ -95,3 +95,5 @@ def test_detector_tells_a_positional_head_from_an_induction_head(tmp_path_factor
     assert induction_random > 2 * positional_random
     fixed_metrics = json.loads((fixed / "metrics.json").read_text())
     assert fixed_metrics["final_eval"]["loss"] < 0.5 * _ln_vocab()  # it did solve the fixed-offset task
+    # and the toy run's own role map (detectors score random offsets) does not call its heads induction heads
+    assert not fixed_metrics["target"]["detected"] and not fixed_metrics["target"]["formed"]

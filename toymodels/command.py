@@ -90,7 +90,7 @@ def map_heads(
     emerged: dict[tuple[str, int, int], int] | None = None,
 ) -> HeadMap:
     """Detector scores, null statistics and all three ablations of every head of ``model`` on ``task``."""
-    detect_batch = task.batch(cfg.batch_size, seed + 1, task.eval_split)
+    detect_batch = task.detection_batch(cfg.batch_size, seed + 1)
     eval_batch = task.batch(cfg.eval_batch_size, seed + 2, task.eval_split)
     other_batch = task.batch(cfg.eval_batch_size, seed + 3, task.eval_split)
     model.eval()
@@ -222,7 +222,7 @@ def toy(
     task_record = {"name": task, "options": to_plain(dataclasses.asdict(the_task))}
     net = ToyTransformer(model.hf_config(the_task.vocab_size, the_task.seq_len, headlab_task=task_record))
 
-    detect_batch: Batch = the_task.batch(detection.batch_size, seed + 1, the_task.eval_split)
+    detect_batch: Batch = the_task.detection_batch(detection.batch_size, seed + 1)
     eval_batch: Batch = the_task.batch(train.eval_batch_size, seed + 2, the_task.eval_split)
     null = null_distribution(net, detect_batch, n_models=detection.n_null, seed=seed + 10_000)
     thresholds = {role: stats.threshold(detection.n_sigma) for role, stats in null.items()}

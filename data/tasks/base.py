@@ -62,6 +62,10 @@ class Task(ABC):
         """A single fixed batch (the first of ``stream(batch_size, seed, split)``)."""
         return next(self.stream(batch_size, seed, split))
 
+    def detection_batch(self, batch_size: int, seed: int) -> Batch:
+        """The batch head detectors score on: by default an evaluation-split batch of the task itself."""
+        return self.batch(batch_size, seed, self.eval_split)
+
 
 def randint(high: int, size: tuple[int, ...], generator: torch.Generator, low: int = 0) -> torch.Tensor:
     return torch.randint(low, high, size, generator=generator)

@@ -10,6 +10,7 @@ a variant a purely positional head can solve (used to check that the detector te
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,10 @@ class InductionTask(Task):
     @property
     def seq_len(self) -> int:
         return self.length
+
+    def detection_batch(self, batch_size: int, seed: int) -> Batch:
+        """Always random offsets: on fixed-offset data a positional head would pass for an induction head."""
+        return dataclasses.replace(self, fixed_offset=None).batch(batch_size, seed)
 
     def _sample(self, batch_size: int, generator: torch.Generator, split: str) -> Batch:
         n, t = batch_size, self.length
