@@ -9,6 +9,7 @@ command line. Commands are imported only when chosen, so ``--help`` stays fast.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 import sys
@@ -28,28 +29,35 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def resolve(command: str) -> Callable:
-    target, _ = COMMANDS[command]
+    """The function behind a command name, or behind ``package.module:function`` (used by sweeps of user code)."""
+    target = COMMANDS[command][0] if command in COMMANDS else command
+    if ":" not in target:
+        raise HeadlabError(f"unknown command '{command}'; choose one of: {', '.join(COMMANDS)}")
     module_name, function_name = target.split(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
         if error.name and module_name.startswith(error.name):
-            raise HeadlabError(f"command '{command}' is not available in this version of headlab") from error
+            raise HeadlabError(f"command '{command}': module {module_name} cannot be imported") from error
         raise
+    if not callable(getattr(module, function_name, None)):
+        raise HeadlabError(f"command '{command}': {module_name} has no function {function_name}")
     return getattr(module, function_name)
 
 
-def build_parser(command: str):
+def build_parser(command: str, exit_on_error: bool = True):
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     fn = resolve(command)
     parser = ArgumentParser(
         prog=f"{os.path.basename(sys.argv[0]) or 'headlab'} {command}",
-        description=COMMANDS[command][1],
+        description=COMMANDS[command][1] if command in COMMANDS else (fn.__doc__ or "").strip().split("\n")[0],
         default_config_files=[],
-        exit_on_error=True,
+        exit_on_error=exit_on_error,
     )
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
+    # A command whose own first option is `config` (sweep: the sweep file) reads that file itself.
+    if "config" not in inspect.signature(fn).parameters:
+        parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
     parser.add_function_arguments(fn, fail_untyped=True)
     return parser, fn
 
@@ -75,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser, fn = build_parser(command)
         cfg = parser.parse_args(rest)
         kwargs = parser.instantiate_classes(cfg).as_dict()
-        kwargs.pop("config", None)
+        if "config" not in inspect.signature(fn).parameters:
+            kwargs.pop("config", None)
         kwargs.pop("__path__", None)
         fn(**kwargs)
     except HeadlabError as error:

