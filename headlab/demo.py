@@ -16,10 +16,10 @@ import os
 import time
 from pathlib import Path
 
-from data.cache import HeadCache
-from data.cache_command import cache
 import yaml
 
+from data.cache import HeadCache
+from data.cache_command import cache
 from headlab.runs import atomic_write_text, save_config
 from headlab.tracking import LoggerKind
 

@@ -18,7 +18,7 @@ class Scale:
     power: int = 2
 
 
-def quadratic(x: float = 0.0, y: int = 0, scale: Scale = Scale(), out: Path = Path("runs/q")) -> Path:  # noqa: B008
+def quadratic(x: float = 0.0, y: int = 0, scale: Scale = Scale(), out: Path = Path("runs/q")) -> Path:
     """Writes metrics.json with score = -(|x - 0.3|^power + (y - 2)^2).
 
     Args:
