@@ -267,36 +267,53 @@ def _flat_keys(node: Any, prefix: str = "") -> list[str]:
 
 
 class PruningCallback:
-    """A Lightning callback reporting ``monitor`` to the current Optuna trial after each validation and stopping
-    the run when the pruner says so (median pruner by default). Harmless outside a sweep."""
+    """A Lightning callback that reports ``monitor`` to the current Optuna trial every ``every_n_steps`` training
+    steps (and after each validation) and stops the run when the pruner says so. ``mode`` says whether the
+    monitored value is better high (``max``) or low (``min``); it is sign-flipped when the study optimises the
+    other way, so a sweep maximising accuracy can prune on training loss. Does nothing outside a sweep."""
 
-    def __new__(cls, monitor: str):
+    def __new__(cls, monitor: str, mode: Literal["min", "max"] = "min", every_n_steps: int = 100):
         from lightning.pytorch.callbacks import Callback
 
         class _Pruning(Callback):
-            def __init__(self):
-                self.monitor = monitor
-
-            def on_validation_end(self, trainer, pl_module) -> None:
+            def _report(self, trainer) -> None:
                 trial = current_trial.get()
-                value = trainer.callback_metrics.get(self.monitor)
+                value = trainer.callback_metrics.get(monitor)
                 if trial is None or value is None or trainer.sanity_checking:
                     return
-                trial.report(float(value), step=trainer.global_step)
-                if trial.should_prune():
-                    import optuna
+                import optuna
 
-                    raise optuna.TrialPruned(f"pruned at step {trainer.global_step} ({self.monitor}={value:.4g})")
+                maximize = trial.study.direction == optuna.study.StudyDirection.MAXIMIZE
+                value = float(value)
+                trial.report(value if (mode == "max") == maximize else -value, step=trainer.global_step)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned at step {trainer.global_step} ({monitor}={value:.4g})")
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+                if trainer.global_step and trainer.global_step % every_n_steps == 0:
+                    self._report(trainer)
+
+            def on_validation_end(self, trainer, pl_module) -> None:
+                self._report(trainer)
 
         return _Pruning()
+
+
+def sweep_callbacks(monitor: str, mode: Literal["min", "max"] = "min") -> list:
+    """Callbacks a training command adds so that sweeps can prune it: empty outside a sweep."""
+    if current_trial.get() is None:
+        return []
+    return [PruningCallback(monitor, mode)]
 
 
 def _storage(url: str | None, out: Path):
     import optuna
 
     url = url or f"sqlite:///{(out / 'study.db').resolve()}"
-    kwargs: dict[str, Any] = {"heartbeat_interval": 30, "grace_period": 120,
-                              "failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1)}
+    kwargs: dict[str, Any] = {
+        "heartbeat_interval": 30, "grace_period": 120,
+        "heartbeat_stale_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1),
+    }
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     try:

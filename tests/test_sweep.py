@@ -151,3 +151,32 @@ def test_shipped_sweep_files_parse_with_their_command(path, tmp_path):
     spec = parse_sweep(yaml.safe_load(path.read_text()), str(path))
     config = trial_config(spec, {p.key: p.example() for p in spec.space}, tmp_path / "trial")
     _parse(spec.command, config, tmp_path / "check.yaml")
+
+
+def test_pruning_callback_reports_with_the_study_direction_and_prunes_bad_runs():
+    import optuna
+
+    from headlab.sweep import PruningCallback, current_trial, sweep_callbacks
+
+    class Trainer:  # the few attributes the callback reads
+        sanity_checking = False
+
+        def __init__(self, step, loss):
+            self.global_step, self.callback_metrics = step, {"train/loss": loss}
+
+    assert sweep_callbacks("train/loss") == []
+    study = optuna.create_study(direction="maximize",
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0))
+    good = study.ask()
+    token = current_trial.set(good)
+    PruningCallback("train/loss", mode="min").on_train_batch_end(Trainer(100, 0.1), None, None, None, 0)
+    current_trial.reset(token)
+    assert good.storage.get_trial(good._trial_id).intermediate_values == {100: -0.1}
+    study.tell(good, 1.0)
+    bad = study.ask()
+    token = current_trial.set(bad)
+    try:
+        with pytest.raises(optuna.TrialPruned):
+            sweep_callbacks("train/loss")[0].on_train_batch_end(Trainer(100, 5.0), None, None, None, 0)
+    finally:
+        current_trial.reset(token)

@@ -27,6 +27,7 @@ from torch import nn
 from data.tasks import Batch, Task, make_task
 from headlab.errors import HeadlabError
 from headlab.runs import atomic_write_json, atomic_write_text, save_config, to_plain
+from headlab.sweep import sweep_callbacks
 from headlab.tracking import LoggerKind, finish, make_logger
 from toymodels.ablation import (
     AblationKind,
@@ -237,7 +238,7 @@ def toy(
         accelerator="cpu",
         devices=1,
         logger=run_logger,
-        callbacks=[tracker],
+        callbacks=[tracker, *sweep_callbacks("train/loss", mode="min")],
         enable_checkpointing=False,
         enable_progress_bar=sys.stdout.isatty(),
         enable_model_summary=False,
