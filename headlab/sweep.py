@@ -306,18 +306,31 @@ def sweep_callbacks(monitor: str, mode: Literal["min", "max"] = "min") -> list:
     return [PruningCallback(monitor, mode)]
 
 
+def _retrying(make, attempts: int = 5):
+    """Run ``make()``, retrying briefly: workers starting together race to create the study's tables and rows."""
+    for attempt in range(attempts):
+        try:
+            return make()
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 + attempt)
+    raise AssertionError("unreachable")
+
+
 def _storage(url: str | None, out: Path):
     import optuna
 
     url = url or f"sqlite:///{(out / 'study.db').resolve()}"
-    kwargs: dict[str, Any] = {
-        "heartbeat_interval": 30, "grace_period": 120,
-        "heartbeat_stale_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1),
-    }
+    storages = optuna.storages
+    retry = getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or storages.RetryFailedTrialCallback
+    kwargs: dict[str, Any] = {"heartbeat_interval": 30, "grace_period": 120,
+                              "heartbeat_stale_trial_callback": retry(max_retry=1)}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    attempts = 5 if url.startswith("sqlite") else 2
     try:
-        return optuna.storages.RDBStorage(url, **kwargs)
+        return _retrying(lambda: optuna.storages.RDBStorage(url, **kwargs), attempts)
     except Exception as error:
         raise HeadlabError(
             f"cannot open sweep storage {url.split('@')[-1]!r} ({type(error).__name__}: "
@@ -373,16 +386,19 @@ def sweep(
         raise HeadlabError(f"--trials must be at least 1, got {total}")
     out.mkdir(parents=True, exist_ok=True)
     # Fail before any trial: every key must parse with the command's own parser.
-    probe_dir = out / "trials" / "check"
-    _parse(spec.command, trial_config(spec, {p.key: p.example() for p in spec.space}, probe_dir),
-           out / ".check-config.yaml")
-    (out / ".check-config.yaml").unlink(missing_ok=True)
+    check = out / f".check-config-{os.getpid()}.yaml"  # one per worker: many may start at once
+    try:
+        _parse(spec.command, trial_config(spec, {p.key: p.example() for p in spec.space}, out / "trials" / "check"),
+               check)
+    finally:
+        check.unlink(missing_ok=True)
     _check_metric_is_logged(spec)
     name = study_name or Path(config).stem
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=name, storage=_storage(storage, out), sampler=_sampler(spec),
-                                direction=spec.direction, load_if_exists=True,
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2) if spec.prune else None)
+    study_storage = _storage(storage, out)
+    study = _retrying(lambda: optuna.create_study(
+        study_name=name, storage=study_storage, sampler=_sampler(spec), direction=spec.direction, load_if_exists=True,
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2) if spec.prune else None))
     atomic_write_text(out / "sweep.yaml", yaml.safe_dump(to_plain(raw), sort_keys=False))
 
     def objective(trial) -> float:
