@@ -107,6 +107,7 @@ def cache(
         max_length: truncate inputs to this many tokens (default: the model's context length).
         shard_mb: target size of one shard in MiB (bounds memory while writing).
     """
+    arguments = dict(locals())  # the resolved config, saved in the cache directory
     if batch_size < 1:
         raise HeadlabError(f"batch_size must be at least 1, got {batch_size}")
     start_time = time.perf_counter()
@@ -155,12 +156,7 @@ def cache(
 
         out = Path("runs/cache") / f"{_slug(model)}-{_slug(dataset)}-{positions}-{cache_key(identity)[:10]}"
     writer = CacheWriter(out, identity, header)
-    save_config(out, {
-        "model": model, "dataset": dataset, "out": str(out), "positions": positions, "layers": layers,
-        "batch_size": batch_size, "dtype": dtype, "model_dtype": model_dtype, "device": device,
-        "text_field": text_field, "label_field": label_field, "mark_field": mark_field, "group_field": group_field,
-        "label_kind": label_kind, "split": split, "limit": limit, "max_length": max_length, "shard_mb": shard_mb,
-    })
+    save_config(out, {**arguments, "out": out})
     if writer.complete:
         result = HeadCache.open(out)
         print(f"reused complete cache {out}: {_describe(result)}")
@@ -173,15 +169,15 @@ def cache(
     background = _ShardWriterThread(writer)
     buffers: list = []
     buffered = 0
-    rows_written = 0
+    done = start
     try:
         with progress(len(data) - start, f"caching {len(capture.layers)}x{capture.n_heads} heads",
-                      unit="rows") as advance:
+                      unit="examples") as advance:
             for end, batch in capture.iterate(data.texts, data.marks, batch_size=batch_size, start=start):
                 buffers.append(batch)
                 buffered += len(batch.example)
-                advance(end - start - rows_written if positions in ("last", "mean") else len(batch.example))
-                rows_written = end - start
+                advance(end - done)
+                done = end
                 if buffered >= shard_rows or end == len(data):
                     background.put(
                         np.concatenate([b.activations for b in buffers]),

@@ -168,7 +168,7 @@ class HeadCapture:
             if layer == last_layer:
                 raise _StopForward
 
-        with hook_heads(self.model, fn, self.layers):
+        with hook_heads(self.model, fn, sites=self.sites):
             try:
                 self.model(**forward_inputs(self.model, batch, self.device))
             except _StopForward:

@@ -62,6 +62,17 @@ def build_parser(command: str, exit_on_error: bool = True):
     return parser, fn
 
 
+def parse_command(command: str, args: Sequence[str], exit_on_error: bool = True) -> tuple[Callable, dict]:
+    """The command's function and its keyword arguments, parsed from ``args`` (defaults < YAML < flags)."""
+    parser, fn = build_parser(command, exit_on_error=exit_on_error)
+    cfg = parser.parse_args(list(args))
+    kwargs = parser.instantiate_classes(cfg).as_dict()
+    if "config" not in inspect.signature(fn).parameters:
+        kwargs.pop("config", None)
+    kwargs.pop("__path__", None)
+    return fn, kwargs
+
+
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: python train.py COMMAND [--config FILE.yaml] [options] [--print_config] [--help]", "", "commands:"]
@@ -80,12 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        parser, fn = build_parser(command)
-        cfg = parser.parse_args(rest)
-        kwargs = parser.instantiate_classes(cfg).as_dict()
-        if "config" not in inspect.signature(fn).parameters:
-            kwargs.pop("config", None)
-        kwargs.pop("__path__", None)
+        fn, kwargs = parse_command(command, rest)
         fn(**kwargs)
     except HeadlabError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -156,14 +156,16 @@ HeadFn = Callable[[int, torch.Tensor], torch.Tensor | None]
 
 
 @contextmanager
-def hook_heads(model: nn.Module, fn: HeadFn, layers: Sequence[int] | None = None) -> Iterator[list[HeadSite]]:
+def hook_heads(model: nn.Module, fn: HeadFn, layers: Sequence[int] | None = None,
+               sites: Sequence[HeadSite] | None = None) -> Iterator[list[HeadSite]]:
     """Call ``fn(layer, z)`` on every chosen layer's head outputs during forward passes inside the block.
 
     ``z`` is a view ``[batch, seq, heads, d_head]`` of the output projection's input. If ``fn`` returns a tensor,
     it replaces ``z`` as the projection's input (ablation, steering, patching); returning None leaves the forward
-    pass unchanged (capture). Hooks are removed when the block exits, even on error.
+    pass unchanged (capture). Hooks are removed when the block exits, even on error. Callers hooking the same
+    model batch after batch pass ``sites`` (from :func:`head_sites`) to skip looking them up again.
     """
-    sites = select_layers(head_sites(model), layers)
+    sites = select_layers(sites if sites is not None else head_sites(model), layers)
     handles = []
 
     def make_hook(site: HeadSite):

@@ -225,21 +225,16 @@ def trial_config(spec: SweepSpec, params: dict[str, Any], run_dir: Path) -> dict
 
 def _parse(command: str, config: dict[str, Any], where: Path):
     """Parse ``config`` with the command's own parser; unknown keys or bad values become a one-line error."""
-    from jsonargparse import ArgumentParser  # noqa: F401  (parser type)
+    from headlab.cli import parse_command
 
-    from headlab.cli import build_parser
-
-    parser, fn = build_parser(command, exit_on_error=False)
     save_config(where.parent, config, name=where.name)
     try:
-        cfg = parser.parse_args(["--config", str(where)])
+        return parse_command(command, ["--config", str(where)], exit_on_error=False)
+    except HeadlabError:
+        raise
     except Exception as error:  # jsonargparse raises ArgumentError / ParserError subclasses
         message = " ".join(str(error).split())
         raise HeadlabError(f"the sweep's config for `{command}` does not parse: {message}") from error
-    kwargs = parser.instantiate_classes(cfg).as_dict()
-    kwargs.pop("config", None)
-    kwargs.pop("__path__", None)
-    return fn, kwargs
 
 
 def read_metric(run_dir: Path, metric: str) -> float:
