@@ -1,0 +1,345 @@
+"""The stages command: the stage table, depth statistics and the ordering test, the Hugging Face path, end to end."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy.stats import rankdata
+from tiny_models import tiny_config, tiny_model, word_tokenizer
+from transformers import AutoModel
+
+from headlab.cli import main
+from headlab.errors import HeadlabError
+from toymodels.ablation import AblationResult
+from toymodels.command import DetectConfig
+from toymodels.detectors import DETECTORS, NullStats
+from toymodels.modeling import ToyTransformerConfig
+from toymodels.report import role_table
+from toymodels.stages import (
+    STAGE_ORDER,
+    STAGES,
+    depth_stats,
+    map_hf_model,
+    ordering_test,
+    relative_depth,
+    repeat_batch,
+    stage_table,
+)
+
+FAST = DetectConfig(batch_size=8, n_null=2, eval_batch_size=8)
+
+
+def test_stage_table_covers_every_registered_detector():
+    assert set(STAGES) == set(DETECTORS)
+    assert set(STAGES.values()) <= set(STAGE_ORDER)
+    assert STAGES["previous_token"] == STAGES["duplicate_token"] == "ICI"
+    assert STAGES["induction"] == STAGES["successor"] == "LR"
+    assert STAGES["copying"] == STAGES["name_mover"] == "EP"
+    assert STAGES["attention_sink"] == "KR"
+
+
+def test_stage_map_overrides_and_errors():
+    assert stage_table({"name_mover": "ici"})["name_mover"] == "ICI"
+    assert stage_table()["name_mover"] == "EP"  # the default is untouched
+    with pytest.raises(HeadlabError, match=r"unknown stage 'XX'.*KR \(Knowledge Recalling\), ICI"):
+        stage_table({"induction": "XX"})
+    with pytest.raises(HeadlabError, match=r"unknown role 'nope'.*previous_token"):
+        stage_table({"nope": "LR"})
+
+
+def test_relative_depth_is_the_layer_centre():
+    assert relative_depth(0, 2) == 0.25 and relative_depth(1, 2) == 0.75
+    assert np.allclose(relative_depth(np.arange(6), 6), (np.arange(6) + 0.5) / 6)
+
+
+def _rows(pairs):
+    return pd.DataFrame(pairs, columns=["stage", "relative_depth"])
+
+
+def test_depth_stats_known_answer():
+    stats = depth_stats(pd.Series([0.25, 0.25, 0.75, 0.75]))
+    assert stats == {"n": 4, "mean": 0.5, "median": 0.5, "q25": 0.25, "q75": 0.75, "min": 0.25, "max": 0.75}
+    assert depth_stats([])["n"] == 0 and depth_stats([])["mean"] is None
+
+
+def test_ordering_known_answers():
+    ordered = ordering_test(_rows([("KR", 0.1), ("ICI", 0.3), ("LR", 0.6), ("EP", 0.9)]))
+    assert ordered["rho"] == pytest.approx(1.0) and ordered["monotone"] and ordered["holds"]
+    assert ordered["stage_means"] == {"KR": 0.1, "ICI": 0.3, "LR": 0.6, "EP": 0.9}
+
+    reversed_ = ordering_test(_rows([("KR", 0.9), ("ICI", 0.6), ("LR", 0.3), ("EP", 0.1)]))
+    assert reversed_["rho"] == pytest.approx(-1.0) and reversed_["monotone"] is False and reversed_["holds"] is False
+
+    # ties (a 2-layer model): Spearman = Pearson of average ranks
+    pairs = [("ICI", 0.25), ("ICI", 0.25), ("KR", 0.25), ("LR", 0.75), ("LR", 0.25), ("EP", 0.75)]
+    result = ordering_test(_rows(pairs))
+    rank = [STAGE_ORDER.index(s) for s, _ in pairs]
+    expected = np.corrcoef(rankdata(rank), rankdata([d for _, d in pairs]))[0, 1]
+    assert result["rho"] == pytest.approx(expected)
+    assert result["stage_means"]["LR"] == pytest.approx(0.5)
+    assert result["monotone"] and result["holds"]
+
+    # non-monotone means with a positive rho do not count as holding
+    bumpy = ordering_test(_rows([("KR", 0.1), ("ICI", 0.5), ("ICI", 0.5), ("LR", 0.4), ("EP", 0.9), ("EP", 0.9)]))
+    assert bumpy["rho"] > 0 and bumpy["monotone"] is False and bumpy["holds"] is False
+
+    # untestable: one stage only, or no spread in depth
+    assert ordering_test(_rows([("LR", 0.25), ("LR", 0.75), ("LR", 0.5)]))["holds"] is None
+    assert ordering_test(_rows([("KR", 0.5), ("LR", 0.5), ("EP", 0.5)]))["rho"] is None
+    assert ordering_test(_rows([]))["n"] == 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# hand-built toy run directories (role tables written by the real role_table, so the CSV format is the toy one)
+
+
+def _write_toy_run(run_dir, detected: dict[str, list[tuple[int, int]]], n_layers=2, n_heads=2):
+    roles = ["previous_token", "duplicate_token", "induction", "attention_sink", "copying"]
+    scores = {role: torch.full((n_layers, n_heads), 0.1) for role in roles}
+    for role, heads in detected.items():
+        for layer, head in heads:
+            scores[role][layer, head] = 0.9
+    null = {role: NullStats(0.1, 0.01, 20) for role in roles}
+    effect = torch.zeros(n_layers, n_heads)
+    ablation = AblationResult(effect, torch.full_like(effect, 0.01), 1.0)
+    table = role_table(scores, null, ablation, 3.0, 3.0)
+    run_dir.mkdir(parents=True)
+    table.to_csv(run_dir / "roles.csv", index=False)
+    config = ToyTransformerConfig(
+        vocab_size=12,
+        max_position_embeddings=16,
+        hidden_size=16,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        headlab_task={"name": "induction", "options": {}},
+    )
+    config.save_pretrained(run_dir / "model")
+    return run_dir
+
+
+SHALLOW_TO_DEEP = {"attention_sink": [(0, 1)], "previous_token": [(0, 0)], "induction": [(1, 1)], "copying": [(1, 0)]}
+DEEP_TO_SHALLOW = {"attention_sink": [(1, 1)], "previous_token": [(1, 0)], "induction": [(0, 0)], "copying": [(0, 1)]}
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpt2")
+    tiny_model("gpt2", causal_lm=True).save_pretrained(path)
+    word_tokenizer(bos=True).save_pretrained(path)
+    return path
+
+
+def bert_like_tokenizer():
+    """A word-level tokenizer that frames a text as [CLS] ... [SEP], like BERT's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    words = word_tokenizer().get_vocab()
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, **{w: i for w, i in words.items() if i >= 3}}
+    vocab["[SEP]"] = len(vocab)
+    vocab["[unused0]"] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", vocab["[SEP]"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        model_max_length=64,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bert")
+    tokenizer = bert_like_tokenizer()
+    config = tiny_config("bert")
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_command_end_to_end_toy_seeds_and_a_causal_lm(tmp_path, tiny_gpt2_dir, capsys):
+    _write_toy_run(tmp_path / "toy" / "seed-0", SHALLOW_TO_DEEP)
+    _write_toy_run(tmp_path / "toy" / "seed-1", DEEP_TO_SHALLOW)
+    single = _write_toy_run(tmp_path / "single", {"previous_token": [(0, 0)], "induction": [(2, 1)]}, n_layers=4)
+    out = tmp_path / "out"
+    args = [
+        "stages",
+        "--toy_runs",
+        f"[{tmp_path / 'toy'}, {single}]",
+        "--models",
+        f"[{tiny_gpt2_dir}]",
+        "--out",
+        str(out),
+        "--detection.batch_size",
+        "8",
+        "--detection.n_null",
+        "2",
+        "--detection.eval_batch_size",
+        "8",
+        "--length",
+        "16",
+        "--ablate",
+        "false",
+        "--stage_map",
+        '{"name_mover": "ICI"}',
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "no ablation (--ablate false)" in printed
+    for name in ("stages.csv", "stage_depths.csv", "stage_map.png", "summary.json", "config.yaml"):
+        assert (out / name).exists(), name
+
+    rows = pd.read_csv(out / "stages.csv")
+    assert list(rows.columns[:9]) == [
+        "model",
+        "layer",
+        "head",
+        "n_layers",
+        "relative_depth",
+        "role",
+        "stage",
+        "score",
+        "threshold",
+    ]
+    seed0 = rows[rows["model"] == "toy:toy/seed-0"].set_index("role")
+    assert len(seed0) == 4
+    assert seed0.loc["induction", "relative_depth"] == 0.75 and seed0.loc["induction", "stage"] == "LR"
+    assert seed0.loc["attention_sink", "stage"] == "KR" and seed0.loc["copying", "stage"] == "EP"
+    four = rows[rows["model"] == "toy:single"].set_index("role")
+    assert four.loc["induction", "relative_depth"] == pytest.approx(2.5 / 4) and (four["n_layers"] == 4).all()
+
+    depths = pd.read_csv(out / "stage_depths.csv")
+    pooled = depths[depths["model"] == "toy:toy (pooled, 2 seeds)"].set_index("stage")
+    assert pooled.loc["LR", "n"] == 2 and pooled.loc["LR", "mean"] == pytest.approx(0.5)
+    assert pooled.loc["KR", "q25"] == pytest.approx(0.375)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stage_map"]["name_mover"] == "ICI"
+    by_name = {e["model"]: e for e in summary["models"]}
+    assert by_name["toy:toy/seed-0"]["ordering"]["holds"] is True
+    assert by_name["toy:toy/seed-0"]["ordering"]["rho"] == pytest.approx(np.sqrt(0.8))
+    assert by_name["toy:toy/seed-1"]["ordering"]["holds"] is False
+    group = summary["toy_groups"]["toy:toy"]
+    assert group["n_seeds"] == 2 and group["fraction_holds"] == 0.5
+    hf = by_name[tiny_gpt2_dir.name]
+    assert hf["kind"] == "causal_lm" and set(hf["scored_stages"]) == {"KR", "ICI", "LR", "EP"}
+
+    lines = printed.strip().splitlines()
+    assert any(line.startswith("stages: toy:toy/seed-0 ordering rho=0.894") for line in lines)
+    assert lines[-1] == "stages: toy:toy seeds holding=1/2 fraction=0.500 of 2"
+    seed0_line = next(line for line in lines if line.startswith("toy:toy/seed-0 "))
+    assert "n/s" not in seed0_line and "0.75 (n=1)" in seed0_line
+
+
+def test_glob_patterns_are_expanded(tmp_path, capsys):
+    for k in range(3):
+        _write_toy_run(tmp_path / "many" / f"seed-{k}", SHALLOW_TO_DEEP)
+    out = tmp_path / "out"
+    assert main(["stages", "--toy_runs+", str(tmp_path / "many" / "seed-*"), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["toy_groups"]["toy:many"]["fraction_holds"] == 1.0
+    assert [e["model"] for e in summary["models"]][:3] == [f"toy:many/seed-{k}" for k in range(3)]
+
+
+def test_hf_path_encoder_and_causal_lm(tiny_gpt2_dir, tiny_bert_dir):
+    gpt2 = map_hf_model(str(tiny_gpt2_dir), FAST, length=32, seed=0)
+    assert gpt2.kind == "causal_lm" and (gpt2.n_layers, gpt2.n_heads) == (2, 4)
+    assert set(gpt2.table["role"]) == {"previous_token", "duplicate_token", "induction", "attention_sink", "copying"}
+    assert len(gpt2.table) == 5 * 2 * 4 and gpt2.table["functional"].dtype == bool
+
+    bert = map_hf_model(str(tiny_bert_dir), FAST, length=32, seed=0)
+    assert bert.kind == "encoder" and (bert.n_layers, bert.n_heads) == (2, 4)
+    assert set(bert.table["role"]) == {"previous_token", "duplicate_token", "induction", "attention_sink"}
+    assert bert.table["functional"].isna().all()
+    assert any("no ablation" in note for note in bert.notes)
+    rows = bert.detected_rows(STAGES)
+    assert rows["relative_depth"].isin([0.25, 0.75]).all()
+
+
+def test_repeat_batch_framing_and_vocabulary(tiny_bert_dir):
+    from transformers import AutoTokenizer
+
+    model, tokenizer = AutoModel.from_pretrained(tiny_bert_dir), AutoTokenizer.from_pretrained(tiny_bert_dir)
+    batch = repeat_batch(model, tokenizer, batch_size=4, length=40, seed=1)
+    ids, targets = batch["input_ids"], batch["targets"]
+    assert ids.shape == targets.shape == (4, 42)
+    assert (ids[:, 0] == tokenizer.cls_token_id).all() and (ids[:, -1] == tokenizer.sep_token_id).all()
+    body = ids[:, 1:-1]
+    assert not torch.isin(
+        body, torch.tensor([*tokenizer.all_special_ids, tokenizer.convert_tokens_to_ids("[unused0]")])
+    ).any()
+    assert len(body.unique()) > 20  # drawn from the ordinary words
+    # every target is the next token, on the repeated part only
+    keep = targets[:, :-1] != -100
+    assert keep.any() and torch.equal(targets[:, :-1][keep], ids[:, 1:][keep])
+    assert (targets[:, -1] == -100).all()
+
+
+def test_repeat_batch_frames_like_the_tokenizer(tiny_gpt2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)  # word tokenizer with a [BOS] post-processor
+    batch = repeat_batch(model, tokenizer, batch_size=3, length=200, seed=0)
+    assert batch["input_ids"].shape == (3, 64)  # capped at the model's 64 positions, BOS included
+    assert (batch["input_ids"][:, 0] == tokenizer.bos_token_id).all() and (batch["targets"][:, 0] == -100).all()
+    assert not torch.isin(batch["input_ids"][:, 1:], torch.tensor(tokenizer.all_special_ids)).any()
+
+
+def _error(args, capsys) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "out")]
+    assert "does not exist" in _error(["stages", "--toy_runs", f"[{tmp_path / 'missing'}]", *out], capsys)
+    (tmp_path / "empty").mkdir()
+    assert "no roles.csv" in _error(["stages", "--toy_runs", f"[{tmp_path / 'empty'}]", *out], capsys)
+    broken = _write_toy_run(tmp_path / "broken", SHALLOW_TO_DEEP)
+    (broken / "model" / "config.json").unlink()
+    assert "no model/config.json" in _error(["stages", "--toy_runs", f"[{broken}]", *out], capsys)
+    assert "nothing to compare" in _error(["stages", *out], capsys)
+    err = _error(["stages", "--models", "[no-such-org/no-such-model]", *out], capsys)
+    assert "cannot load model 'no-such-org/no-such-model'" in err
+    err = _error(["stages", "--toy_runs+", str(tmp_path / "nothing-*"), *out], capsys)
+    assert "matches nothing" in err
+    err = _error(["stages", "--toy_runs+", str(broken), "--stage_map", '{"copying": "late"}', *out], capsys)
+    assert "valid stages: KR" in err
+    odd = _write_toy_run(tmp_path / "odd", SHALLOW_TO_DEEP)
+    table = pd.read_csv(odd / "roles.csv")
+    table.loc[0, "role"] = "mystery"
+    table.to_csv(odd / "roles.csv", index=False)
+    assert "mystery have no stage" in _error(["stages", "--toy_runs+", str(odd), *out], capsys)
+
+
+@pytest.mark.realmodel
+def test_minilm_is_scored_as_an_encoder_without_special_tokens():
+    from headlab.models import load_model
+
+    loaded = load_model("minilm")
+    batch = repeat_batch(loaded.model, loaded.tokenizer, batch_size=2, length=64, seed=0)
+    ids = batch["input_ids"]
+    assert ids.shape == (2, 66)
+    assert (ids[:, 0] == loaded.tokenizer.cls_token_id).all() and (ids[:, -1] == loaded.tokenizer.sep_token_id).all()
+    names = loaded.tokenizer.convert_ids_to_tokens(ids[:, 1:-1].flatten().tolist())
+    assert not any(name.startswith("[") for name in names)
+    heads = map_hf_model("minilm", FAST, length=32, seed=0)
+    assert heads.kind == "encoder" and (heads.n_layers, heads.n_heads) == (6, 12)
+    assert heads.table["detected"].any()
+    depths = heads.detected_rows(STAGES)["relative_depth"]
+    assert all(any(math.isclose(d, (layer + 0.5) / 6) for layer in range(6)) for d in depths)
