@@ -179,66 +179,43 @@ def _print_summary(lines: list[str]) -> None:
         print(line, flush=True)
 
 
-def toy(
-    task: str = "induction",
-    task_options: dict[str, Any] | None = None,
-    out: Path = Path("runs/toy"),
-    model: ToyConfig = ToyConfig(),  # noqa: B008
-    train: TrainConfig = TrainConfig(),  # noqa: B008
-    detection: DetectConfig = DetectConfig(),
-    logger: LoggerKind = "wandb",
-    seed: int = 0,
-) -> Path:
-    """Train a toy transformer on a synthetic task, track which head functions emerge, and map its heads.
+@dataclass
+class SeedRun:
+    """One seed's model and fixed measurement inputs, set up exactly as a single ``toy --seed`` run."""
 
-    Args:
-        task: synthetic task: induction, recall, ioi, successor, icl, iteration or modular_addition.
-        task_options: the task's own options, e.g. '{"vocab": 32, "fixed_offset": 32}' (see data.tasks).
-        out: run directory (model/, roles.csv, scores.csv, metrics.json, plots, config.yaml).
-        model: toy transformer architecture.
-        train: optimisation and tracking schedule.
-        detection: detectors, null thresholds and ablation.
-        logger: wandb (offline unless an account is configured), csv or none.
-        seed: seed of the initialisation, the data stream and the fixed evaluation batches.
+    seed: int
+    out: Path
+    net: ToyTransformer
+    null: dict[str, NullStats]
+    thresholds: dict[str, float]
+    tracker: EmergenceTracker
 
-    Returns:
-        The run directory.
-    """
-    started = time.perf_counter()
-    out = Path(out)
-    the_task = make_task(task, **(task_options or {}))
-    config = {
-        "task": task,
-        "task_options": to_plain(task_options or {}),
-        "out": str(out),
-        "model": model,
-        "train": train,
-        "detection": detection,
-        "logger": logger,
-        "seed": seed,
-    }
+
+def _setup_seed(
+    the_task: Task, config: dict[str, Any], model: ToyConfig, train: TrainConfig, detection: DetectConfig, seed: int
+) -> SeedRun:
+    out = Path(config["out"])
     out.mkdir(parents=True, exist_ok=True)
     save_config(out, config)
     pl.seed_everything(seed, verbose=False)
-    task_record = {"name": task, "options": to_plain(dataclasses.asdict(the_task))}
+    task_record = {"name": the_task.name, "options": to_plain(dataclasses.asdict(the_task))}
     net = ToyTransformer(model.hf_config(the_task.vocab_size, the_task.seq_len, headlab_task=task_record))
-
     detect_batch: Batch = the_task.detection_batch(detection.batch_size, seed + 1)
     eval_batch: Batch = the_task.batch(train.eval_batch_size, seed + 2, the_task.eval_split)
     null = null_distribution(net, detect_batch, n_models=detection.n_null, seed=seed + 10_000)
     thresholds = {role: stats.threshold(detection.n_sigma) for role, stats in null.items()}
-    tracker = EmergenceTracker(
-        detect_batch, eval_batch, log_linear_schedule(train.steps, train.track_every), thresholds
-    )
-    run_logger = make_logger(logger, out, name=f"toy-{task}-s{seed}", group=f"toy-{task}", config=to_plain(config))
-    module = ToyLitModule(net, train)
-    trainer = pl.Trainer(
+    schedule = log_linear_schedule(train.steps, train.track_every)
+    return SeedRun(seed, out, net, null, thresholds, EmergenceTracker(detect_batch, eval_batch, schedule, thresholds))
+
+
+def _trainer(train: TrainConfig, run_logger, callbacks: list[pl.Callback], out: Path) -> pl.Trainer:
+    return pl.Trainer(
         max_steps=train.steps,
         max_epochs=-1,
         accelerator="cpu",
         devices=1,
         logger=run_logger,
-        callbacks=[tracker, *sweep_callbacks("train/loss", mode="min")],
+        callbacks=[*callbacks, *sweep_callbacks("train/loss", mode="min")],
         enable_checkpointing=False,
         enable_progress_bar=sys.stdout.isatty(),
         enable_model_summary=False,
@@ -246,12 +223,22 @@ def toy(
         log_every_n_steps=train.log_every,
         default_root_dir=str(out),
     )
-    train_started = time.perf_counter()
-    trainer.fit(module, datamodule=TaskDataModule(the_task, train.batch_size, seed))
-    train_seconds = time.perf_counter() - train_started
-    net.eval()
 
-    history = tracker.history
+
+def _finish_seed(
+    run: SeedRun,
+    the_task: Task,
+    detection: DetectConfig,
+    train: TrainConfig,
+    train_log: list[tuple[int, float]],
+    train_seconds: float,
+    started: float,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Everything after training: the head map, the files and plots of the run directory, ``metrics.json``."""
+    out, net, null, seed = run.out, run.net, run.null, run.seed
+    net.eval()
+    history = run.tracker.history
     emerged = emerged_steps(history, null, detection.n_sigma)
     head_map = map_heads(net, the_task, detection, seed, scores=history[-1].scores, null=null, emerged=emerged)
     steps, losses = [s.step for s in history], [s.eval_loss for s in history]
@@ -261,7 +248,7 @@ def toy(
         target["emerged_seconds"] = next(s.seconds for s in history if s.step == target["emerged_step"])
 
     net.save_pretrained(out / "model")
-    _write_map(out, head_map, f"{task}: functional heads")
+    _write_map(out, head_map, f"{the_task.name}: functional heads")
     score_rows = [
         {"step": snap.step, "role": role, "layer": layer, "head": head, "score": float(values[layer, head])}
         for snap in history
@@ -272,10 +259,11 @@ def toy(
     atomic_write_text(out / "scores.csv", pd.DataFrame(score_rows).to_csv(index=False))
     curve = pd.DataFrame({"step": steps, "eval_loss": losses, "eval_accuracy": [s.eval_accuracy for s in history]})
     atomic_write_text(out / "eval_curve.csv", curve.to_csv(index=False))
-    plot_scores_over_steps(history, thresholds, out / "scores_over_steps.png")
-    plot_loss(history, phase, out / "loss.png", pd.DataFrame(module.train_log, columns=["step", "loss"]))
+    plot_scores_over_steps(history, run.thresholds, out / "scores_over_steps.png")
+    plot_loss(history, phase, out / "loss.png", pd.DataFrame(train_log, columns=["step", "loss"]))
     metrics = {
-        "task": task,
+        "task": the_task.name,
+        "seed": seed,
         "target": target,
         "phase_change_step": phase,
         "final_eval": {"loss": losses[-1], "accuracy": history[-1].eval_accuracy},
@@ -285,11 +273,77 @@ def toy(
         "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - started,
         "seconds_per_step": train_seconds / max(train.steps, 1),
+        **(extra or {}),
     }
     atomic_write_json(out / "metrics.json", metrics)
-    _log_to_wandb(run_logger, out, head_map.table, metrics)
+    metrics["_table"] = head_map.table  # for the W&B log of a single run; not written
+    return metrics
+
+
+def toy(
+    task: str = "induction",
+    task_options: dict[str, Any] | None = None,
+    out: Path = Path("runs/toy"),
+    model: ToyConfig = ToyConfig(),  # noqa: B008
+    train: TrainConfig = TrainConfig(),  # noqa: B008
+    detection: DetectConfig = DetectConfig(),
+    logger: LoggerKind = "wandb",
+    seed: int = 0,
+    seeds: int = 1,
+    stack_seeds: bool = True,
+) -> Path:
+    """Train a toy transformer on a synthetic task, track which head functions emerge, and map its heads.
+
+    Args:
+        task: synthetic task: induction, recall, ioi, successor, icl, iteration or modular_addition.
+        task_options: the task's own options, e.g. '{"vocab": 32, "fixed_offset": 32}' (see data.tasks).
+        out: run directory (model/, roles.csv, scores.csv, metrics.json, plots, config.yaml); with --seeds N,
+            one such directory per seed (OUT/seed-S) plus the re-emergence report in OUT.
+        model: toy transformer architecture.
+        train: optimisation and tracking schedule.
+        detection: detectors, null thresholds and ablation.
+        logger: wandb (offline unless an account is configured), csv or none.
+        seed: seed of the initialisation, the data stream and the fixed evaluation batches (the first seed with
+            --seeds).
+        seeds: train this many seeds (seed, seed + 1, ...) and report which head functions re-emerge across them.
+        stack_seeds: with --seeds N, train the seeds side by side as one stacked, vmapped model (each seed's result
+            is the same as its single run, up to float rounding); false trains them one after another.
+
+    Returns:
+        The run directory.
+    """
+    if seeds < 1:
+        raise HeadlabError(f"--seeds must be at least 1, got {seeds}")
+    the_task = make_task(task, **(task_options or {}))
+    config = {
+        "task": task,
+        "task_options": to_plain(task_options or {}),
+        "out": str(out),
+        "model": model,
+        "train": train,
+        "detection": detection,
+        "logger": logger,
+        "seed": seed,
+        "seeds": seeds,
+        "stack_seeds": stack_seeds,
+    }
+    if seeds > 1:
+        from toymodels.seeds import train_seeds
+
+        return train_seeds(the_task, config, model, train, detection, logger, seed, seeds, stack_seeds)
+    started = time.perf_counter()
+    out = Path(out)
+    run = _setup_seed(the_task, config, model, train, detection, seed)
+    run_logger = make_logger(logger, out, name=f"toy-{task}-s{seed}", group=f"toy-{task}", config=to_plain(config))
+    module = ToyLitModule(run.net, train)
+    trainer = _trainer(train, run_logger, [run.tracker], out)
+    train_started = time.perf_counter()
+    trainer.fit(module, datamodule=TaskDataModule(the_task, train.batch_size, seed))
+    train_seconds = time.perf_counter() - train_started
+    metrics = _finish_seed(run, the_task, detection, train, module.train_log, train_seconds, started)
+    _log_to_wandb(run_logger, out, metrics.pop("_table"), metrics)
     finish(run_logger)
-    _print_summary(_summary_lines(out, target, phase, metrics))
+    _print_summary(_summary_lines(out, metrics["target"], metrics["phase_change_step"], metrics))
     return out
 
 

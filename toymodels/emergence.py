@@ -75,25 +75,30 @@ class EmergenceTracker(pl.Callback):
         self.history: list[Snapshot] = []
         self._start = 0.0
 
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        snap = snapshot(pl_module.model, step, time.perf_counter() - self._start, self.detect_batch, self.eval_batch)
+    def start_clock(self) -> None:
+        self._start = time.perf_counter()
+
+    def measure(self, model: torch.nn.Module, step: int, logger=None, prefix: str = "") -> Snapshot:
+        """Score ``model`` at ``step``, append the snapshot to ``history`` and log it (keys under ``prefix``)."""
+        snap = snapshot(model, step, time.perf_counter() - self._start, self.detect_batch, self.eval_batch)
         self.history.append(snap)
-        if trainer.logger:
+        if logger:
             metrics = {"eval/loss": snap.eval_loss, "eval/accuracy": snap.eval_accuracy}
             for role, scores in snap.scores.items():
                 metrics[f"emergence/{role}_max"] = float(scores.max())
                 if role in self.thresholds:
                     metrics[f"emergence/{role}_passing"] = int((scores > self.thresholds[role]).sum())
-            trainer.logger.log_metrics(metrics, step=step)
+            logger.log_metrics({prefix + key: value for key, value in metrics.items()}, step=step)
+        return snap
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.perf_counter()
-        self._measure(trainer, pl_module, 0)
+        self.start_clock()
+        self.measure(pl_module.model, 0, trainer.logger)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if step in self.schedule and (not self.history or self.history[-1].step != step):
-            self._measure(trainer, pl_module, step)
+            self.measure(pl_module.model, step, trainer.logger)
 
 
 def emerged_steps(

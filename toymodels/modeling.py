@@ -87,6 +87,39 @@ def rotate(x: torch.Tensor, base: float) -> torch.Tensor:
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
+class CausalAttention(torch.autograd.Function):
+    """Causal scaled-dot-product attention whose ``vmap`` folds the vmapped dimension into the batch.
+
+    ``F.scaled_dot_product_attention`` has no batching rule, so under ``torch.func.vmap`` (several seeds trained as
+    one stacked model, :mod:`toymodels.stacked`) PyTorch would loop over the vmapped dimension and, in the backward,
+    zero-fill a full-size gradient per slice. Here the ``n`` stacked models' ``[n, B, H, T, dh]`` become one
+    ``[n * B, H, T, dh]`` call of the fused kernel. The backward recomputes the forward (the fused kernel's saved
+    statistics are private to it), one extra attention forward per step: used only while stacking.
+    """
+
+    @staticmethod
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q, k, v = (t.detach().requires_grad_() for t in ctx.saved_tensors)
+        with torch.enable_grad():
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return torch.autograd.grad(out, (q, k, v), grad)
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v) -> tuple[torch.Tensor, int]:
+        n = info.batch_size
+        stacked = [t.movedim(d, 0) if d is not None else t.expand(n, *t.shape) for t, d in zip((q, k, v), in_dims)]
+        out = CausalAttention.apply(*(t.reshape(-1, *t.shape[2:]) for t in stacked))
+        return out.view(n, -1, *out.shape[1:]), 0
+
+
 class ToyAttention(nn.Module):
     """Causal multi-head self-attention; ``out_proj``'s input is the concatenated head outputs ``z``."""
 
@@ -101,6 +134,8 @@ class ToyAttention(nn.Module):
         self.positional, self.rope_base = config.positional, config.rope_base
         # Set by toymodels.ablation.freeze_patterns: [batch, heads, seq, seq] patterns to use instead of softmax.
         self.pattern_override: torch.Tensor | None = None
+        # Set by toymodels.stacked on the template of a stacked model: attention that vmaps without a Python loop.
+        self.fold_vmap = False
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H*dh] -> [B, H, T, dh]
         return x.view(*x.shape[:2], self.n_heads, self.d_head).transpose(1, 2)
@@ -122,7 +157,10 @@ class ToyAttention(nn.Module):
             z = pattern @ v  # [B, H, T, dh]
         else:
             pattern = None
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            if self.fold_vmap:
+                z = CausalAttention.apply(q, k, v)
+            else:
+                z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         z = z.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)  # [B, T, H*dh]: the hook point's input
         return self.out_proj(z), pattern
 

@@ -132,11 +132,13 @@ class ToyLitModule(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        cfg = self.train_config
-        optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas)
-        )
-        if cfg.warmup_steps <= 0:
-            return optimizer
-        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / cfg.warmup_steps))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+        return make_optimizer(self.model.parameters(), self.train_config)
+
+
+def make_optimizer(parameters, cfg: TrainConfig):
+    """AdamW with an optional linear warmup, as Lightning's ``configure_optimizers`` returns it."""
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+    if cfg.warmup_steps <= 0:
+        return optimizer
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / cfg.warmup_steps))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
