@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("probes.command:probe", "train a linear probe for every (layer, head) of a head cache"),
     "toy": ("toymodels.command:toy", "train a toy transformer on a synthetic task and map its head functions"),
     "detect": ("toymodels.command:detect", "score every head of a saved model with the function detectors"),
+    "reemergence": ("toymodels.seeds:reemergence_command", "which head functions re-emerge across seeds of a toy run"),
     "stages": ("toymodels.stages:stages", "toy vs real: detected heads by the survey's four stages and relative depth"),
     "sweep": ("headlab.sweep:sweep", "search hyperparameters of a probe or toy run (Optuna)"),
     "demo": ("headlab.demo:demo", "the whole pipeline on built-in defaults, offline"),
