@@ -22,6 +22,7 @@ from toymodels.stages import (
     STAGE_ORDER,
     STAGES,
     depth_stats,
+    load_toy_run,
     map_hf_model,
     ordering_test,
     relative_depth,
@@ -68,6 +69,7 @@ def test_depth_stats_known_answer():
 def test_ordering_known_answers():
     ordered = ordering_test(_rows([("KR", 0.1), ("ICI", 0.3), ("LR", 0.6), ("EP", 0.9)]))
     assert ordered["rho"] == pytest.approx(1.0) and ordered["monotone"] and ordered["holds"]
+    assert ordered["significant"] is True  # rho = 1 exactly: p = 0
     assert ordered["stage_means"] == {"KR": 0.1, "ICI": 0.3, "LR": 0.6, "EP": 0.9}
 
     reversed_ = ordering_test(_rows([("KR", 0.9), ("ICI", 0.6), ("LR", 0.3), ("EP", 0.1)]))
@@ -230,6 +232,7 @@ def test_command_end_to_end_toy_seeds_and_a_causal_lm(tmp_path, tiny_gpt2_dir, c
     by_name = {e["model"]: e for e in summary["models"]}
     assert by_name["toy:toy/seed-0"]["ordering"]["holds"] is True
     assert by_name["toy:toy/seed-0"]["ordering"]["rho"] == pytest.approx(np.sqrt(0.8))
+    assert by_name["toy:toy/seed-0"]["ordering"]["significant"] is False  # p = 0.106 with 4 heads
     assert by_name["toy:toy/seed-1"]["ordering"]["holds"] is False
     group = summary["toy_groups"]["toy:toy"]
     assert group["n_seeds"] == 2 and group["fraction_holds"] == 0.5
@@ -343,3 +346,13 @@ def test_minilm_is_scored_as_an_encoder_without_special_tokens():
     assert heads.table["detected"].any()
     depths = heads.detected_rows(STAGES)["relative_depth"]
     assert all(any(math.isclose(d, (layer + 0.5) / 6) for layer in range(6)) for d in depths)
+
+
+def test_toy_runs_are_rethresholded_with_the_same_n_sigma(tmp_path):
+    run = _write_toy_run(tmp_path / "run", SHALLOW_TO_DEEP)
+    as_is = load_toy_run(run)
+    assert as_is.table["detected"].sum() == 4 and (as_is.n_layers, as_is.n_heads) == (2, 2)
+    assert load_toy_run(run, n_sigma=3.0).table["detected"].sum() == 4  # threshold 0.13 < 0.9
+    strict = load_toy_run(run, n_sigma=100.0)  # threshold 0.1 + 100 * 0.01 = 1.1
+    assert not strict.table["detected"].any() and not strict.table["functional"].any()
+    assert strict.table["threshold"].iloc[0] == pytest.approx(1.1)

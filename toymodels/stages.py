@@ -21,23 +21,24 @@ Stage of each detector (:data:`STAGES`; override with ``--stage_map '{"name_move
 Definitions:
 
 * **detected**: score above ``null_mean + n_sigma * null_std`` of random re-initialisations of the same architecture
-  (:func:`toymodels.detectors.null_distribution`), exactly as for toy runs. Toy runs are used as their ``roles.csv``
-  stands (it also holds the causal check, ``functional``). Hugging Face models are scored with the pattern detectors
-  (previous_token, duplicate_token, induction, attention_sink; plus the OV ``copying`` detector for causal LMs whose
-  value/output weights headlab can read) on the induction task's batch: random tokens with one segment repeated,
-  drawn from the tokenizer's ordinary tokens (no special, ``[unused]`` or ``<...>`` tokens) and framed the way the
-  tokenizer frames a text (MiniLM: ``[CLS] ... [SEP]``). In an encoder, attention_sink is attention to ``[CLS]`` and
-  the duplicate/induction scores count attention to *earlier* positions only (as for causal models). Causal LMs are
-  also mean-ablated head by head on the repeated part's next-token loss (``functional`` as for toy models); an
-  encoder has no such loss, so encoders get detection only.
+  (:func:`toymodels.detectors.null_distribution`), exactly as for toy runs. Toy runs are read from their
+  ``roles.csv`` (it also holds the causal check, ``functional``), re-thresholded with the same ``n_sigma`` from its
+  null columns. Hugging Face models are scored with the pattern detectors (previous_token, duplicate_token,
+  induction, attention_sink; plus the OV ``copying`` detector for causal LMs whose value/output weights headlab can
+  read) on the induction task's batch: random tokens with one segment repeated, drawn from the tokenizer's ordinary
+  tokens (no special, ``[unused]`` or ``<...>`` tokens) and framed the way the tokenizer frames a text (MiniLM:
+  ``[CLS] ... [SEP]``). In an encoder, attention_sink is attention to ``[CLS]`` and the duplicate/induction scores
+  count attention to *earlier* positions only (as for causal models). Causal LMs are also mean-ablated head by head
+  on the repeated part's next-token loss (``functional`` as for toy models); an encoder has no such loss, so
+  encoders get detection only.
 * **relative depth** of layer ``l`` (0-based) in an ``L``-layer model: ``(l + 0.5) / L``, the layer's centre on
   ``[0, 1]``, comparable across depths (a 2-layer toy has heads at 0.25 and 0.75).
 * **observations**: every detected (head, role) pair; a head detected for two roles counts once for each.
 * **ordering test**: Spearman's rho between the stage rank (KR=0 < ICI=1 < LR=2 < EP=3) and relative depth over the
   observations, and whether the per-stage mean depths are non-decreasing in stage order. The ordering *holds* when
-  at least two stages have detected heads, rho > 0 and the means are monotone; otherwise it fails, or is
-  untestable (``null``) with fewer than two stages or three observations. Across the seeds of a toy group (the
-  ``seed-*`` directories of one parent), the fraction of testable seeds where it holds.
+  at least two stages have detected heads, rho > 0 and the means are monotone; otherwise it fails, or is untestable
+  (``null``) with fewer than two stages or three observations; ``significant`` adds p < 0.05. Across the seeds of a
+  toy group (the ``seed-*`` directories of one parent), the fraction of testable seeds where it holds.
 
 Outputs (``--out``, default ``runs/stages``): ``stages.csv`` (one row per model x detected head and role:
 ``model, layer, head, n_layers, relative_depth, role, stage, score, threshold, functional, kind``),
@@ -175,8 +176,9 @@ def ordering_test(rows: pd.DataFrame) -> dict[str, Any]:
     """Does depth grow with stage (KR < ICI < LR < EP)? ``rows``: detected heads with ``stage``, ``relative_depth``.
 
     Returns ``rho`` and ``p_value`` (Spearman, stage rank vs depth), ``n`` observations, ``stages_present``,
-    ``stage_means``, ``monotone`` (means non-decreasing in stage order) and ``holds`` (rho > 0 and monotone;
-    ``None`` when untestable: fewer than 2 stages or 3 observations, or no spread in depth).
+    ``stage_means``, ``monotone`` (means non-decreasing in stage order), ``holds`` (rho > 0 and monotone; ``None``
+    when untestable: fewer than 2 stages or 3 observations, or no spread in depth) and ``significant`` (holds with
+    two-sided p < 0.05; a direction alone can come from a rho near 0).
     """
     from scipy.stats import spearmanr
 
@@ -191,6 +193,7 @@ def ordering_test(rows: pd.DataFrame) -> dict[str, Any]:
         result = spearmanr(rank, depth)
         rho, p_value = float(result.statistic), float(result.pvalue)
     holds = None if rho is None else bool(rho > 0 and monotone)
+    significant = None if holds is None else bool(holds and p_value < 0.05)
     return {
         "rho": rho,
         "p_value": p_value,
@@ -199,6 +202,7 @@ def ordering_test(rows: pd.DataFrame) -> dict[str, Any]:
         "stage_means": means,
         "monotone": monotone,
         "holds": holds,
+        "significant": significant,
     }
 
 
@@ -282,8 +286,13 @@ def _seed_number(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def load_toy_run(run_dir: Path) -> ModelHeads:
-    """A finished toy run's role table as it stands (``roles.csv``) and its depth (``model/config.json``)."""
+def load_toy_run(run_dir: Path, n_sigma: float | None = None) -> ModelHeads:
+    """A finished toy run's role table (``roles.csv``) and its depth (``model/config.json``).
+
+    With ``n_sigma`` the heads are re-thresholded at ``null_mean + n_sigma * null_std`` from the table's own null
+    columns (the same rule as for Hugging Face models; ``functional`` stays true only for heads still detected);
+    without it the table is used as it stands.
+    """
     run_dir = Path(run_dir)
     config_path = run_dir / "model" / "config.json"
     if not config_path.exists():
@@ -297,8 +306,11 @@ def load_toy_run(run_dir: Path) -> ModelHeads:
     if missing:
         raise HeadlabError(f"{run_dir / 'roles.csv'} lacks column(s) {', '.join(missing)}; is it a toy run's table?")
     table["detected"] = _bool_column(table["detected"])
+    if n_sigma is not None and {"null_mean", "null_std"} <= set(table.columns):
+        table["threshold"] = table["null_mean"] + n_sigma * table["null_std"]
+        table["detected"] = table["score"] > table["threshold"]
     if "functional" in table:
-        table["functional"] = _bool_column(table["functional"])
+        table["functional"] = _bool_column(table["functional"]) & table["detected"]
     n_layers = int(config.get("num_hidden_layers") or table["layer"].max() + 1)
     n_heads = int(config.get("num_attention_heads") or table["head"].max() + 1)
     seed = _seed_number(run_dir)
@@ -516,7 +528,7 @@ def _print_table(entries: list[dict[str, Any]], groups: dict[str, dict[str, Any]
         o = e["ordering"]
         lines.append(
             f"stages: {e['model']} ordering rho={_fmt(o['rho'], 3)} p={_fmt(o['p_value'], 3)} n={o['n']} "
-            f"monotone={o['monotone']} holds={o['holds']}"
+            f"monotone={o['monotone']} holds={o['holds']} significant={o['significant']}"
         )
     for name, g in groups.items():
         frac = _fmt(g["fraction_holds"], 3)
@@ -618,7 +630,8 @@ def stages(
             the built-in all-MiniLM-L6-v2 encoder. Encoders are scored without ablation (no next-token loss).
         out: output directory (stages.csv, stage_depths.csv, stage_map.png, summary.json, config.yaml).
         stage_map: role -> stage overrides, e.g. '{"name_mover": "ICI"}' (stages: KR, ICI, LR, EP).
-        detection: null distribution (n_null, n_sigma), batch sizes and the ablation used for causal LMs.
+        detection: null distribution (n_null, n_sigma), batch sizes and the ablation used for causal LMs; n_sigma
+            also re-thresholds the toy runs' heads (from their null_mean and null_std columns).
         length: tokens of random text per sequence in the Hugging Face models' repeated-segment batch (capped by
             the model's context).
         ablate: mean-ablate each head of a causal LM on the repeated part's next-token loss (the functional column).
@@ -646,7 +659,7 @@ def stages(
     }
     save_config(out, config)
 
-    heads = [load_toy_run(d) for d in run_dirs]
+    heads = [load_toy_run(d, detection.n_sigma) for d in run_dirs]
     heads += [map_hf_model(spec, detection, length, seed, ablate) for spec in models or []]
     _unique_names(heads)
     per_model = [m.detected_rows(stage_of) for m in heads]
