@@ -4,9 +4,10 @@
    package, no network) over a built-in labelled set (``sentiment``: mean over tokens).
 2. Probe: a linear probe for every (layer, head) of that cache; heads.csv, summary.json, heatmap.png,
    directions.safetensors.
-3. Toy: a 2-layer attention-only transformer trained on the induction task; detectors with null thresholds,
-   ablation, emergence step, roles.csv and plots.
-4. Sweep: a small Optuna search over the probe's L2 strength on the same cache (configs/sweeps/probe-l2.yaml).
+3. Toy: a 2-layer attention-only transformer trained on the induction task with 2 seeds; detectors with null
+   thresholds, ablation, emergence step, roles.csv and plots per seed, and the re-emergence report across seeds.
+4. Stages: the toy seeds and all-MiniLM-L6-v2 side by side, heads tagged with the survey's four stages by depth.
+5. Sweep: a small Optuna search over the probe's L2 strength on the same cache (configs/sweeps/probe-l2.yaml).
 """
 
 from __future__ import annotations
@@ -56,12 +57,17 @@ def demo(out: Path = Path("runs/demo"), dataset: str = "sentiment", device: str 
 
     probe_dir = probe(cache_dir, out=out / "probe", logger=logger)
 
-    _banner("3. train a toy transformer on the induction task and map its heads")
+    _banner("3. train a toy transformer on the induction task (2 seeds), map its heads, compare the seeds")
     from toymodels.command import toy
 
-    toy_dir = toy(task="induction", out=out / "toy", logger=logger)
+    toy_dir = toy(task="induction", out=out / "toy", logger=logger, seeds=2)
 
-    _banner("4. sweep the probe's L2 strength (Optuna, 4 trials)")
+    _banner("4. toy vs real: heads by the survey's four stages and relative depth")
+    from toymodels.stages import stages
+
+    stages_dir = stages(toy_runs=[str(toy_dir)], models=["minilm"], out=out / "stages")
+
+    _banner("5. sweep the probe's L2 strength (Optuna, 4 trials)")
     from headlab.sweep import sweep
 
     sweep_file = out / "sweep.yaml"
@@ -75,7 +81,9 @@ def demo(out: Path = Path("runs/demo"), dataset: str = "sentiment", device: str 
     print("\nresults:")
     print(f"  head cache         {cache_dir}")
     print(f"  probe heatmap      {probe_dir / 'heatmap.png'}  (per-head table: {probe_dir / 'heads.csv'})")
-    print(f"  toy role map       {toy_dir / 'roles.csv'}  (plots: {toy_dir}/*.png, model: {toy_dir / 'model'})")
+    print(f"  toy role maps      {toy_dir}/seed-*/roles.csv  (plots and model/ beside each)")
+    print(f"  re-emergence       {toy_dir / 'reemergence.md'}  (matched heads: {toy_dir / 'slots.csv'})")
+    print(f"  stage map          {stages_dir / 'stage_map.png'}  (per stage: {stages_dir / 'stage_depths.csv'})")
     print(f"  sweep              {sweep_dir / 'trials.csv'}, best config {sweep_dir / 'best.yaml'}")
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; everything is under {out}")
     return out

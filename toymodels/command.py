@@ -212,7 +212,7 @@ def _trainer(train: TrainConfig, run_logger, callbacks: list[pl.Callback], out: 
     return pl.Trainer(
         max_steps=train.steps,
         max_epochs=-1,
-        accelerator="cpu",
+        accelerator=train.accelerator,
         devices=1,
         logger=run_logger,
         callbacks=[*callbacks, *sweep_callbacks("train/loss", mode="min")],
@@ -290,7 +290,7 @@ def toy(
     logger: LoggerKind = "wandb",
     seed: int = 0,
     seeds: int = 1,
-    stack_seeds: bool = True,
+    stack_seeds: bool | None = None,
 ) -> Path:
     """Train a toy transformer on a synthetic task, track which head functions emerge, and map its heads.
 
@@ -307,8 +307,8 @@ def toy(
             --seeds).
         seeds: train this many seeds (seed, seed + 1, ...) and report which head functions re-emerge across them.
         stack_seeds: with --seeds N, train the seeds side by side as one stacked, vmapped model (each seed's result
-            is the same as its single run, up to float rounding); false trains them one after another.
-
+            is the same as its single run, up to float rounding) instead of one after another. Default: stacked
+            when training on an accelerator, where it pays; one after another on a CPU, where it does not.
     Returns:
         The run directory.
     """
@@ -330,6 +330,8 @@ def toy(
     if seeds > 1:
         from toymodels.seeds import train_seeds
 
+        if stack_seeds is None:
+            stack_seeds = train.accelerator != "cpu"
         return train_seeds(the_task, config, model, train, detection, logger, seed, seeds, stack_seeds)
     started = time.perf_counter()
     out = Path(out)
@@ -340,6 +342,7 @@ def toy(
     train_started = time.perf_counter()
     trainer.fit(module, datamodule=TaskDataModule(the_task, train.batch_size, seed))
     train_seconds = time.perf_counter() - train_started
+    run.net.cpu()
     metrics = _finish_seed(run, the_task, detection, train, module.train_log, train_seconds, started)
     _log_to_wandb(run_logger, out, metrics.pop("_table"), metrics)
     finish(run_logger)

@@ -8,6 +8,7 @@ threshold; :func:`phase_change_step` the step of the task metric's phase change.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -79,7 +80,12 @@ class EmergenceTracker(pl.Callback):
         self._start = time.perf_counter()
 
     def measure(self, model: torch.nn.Module, step: int, logger=None, prefix: str = "") -> Snapshot:
-        """Score ``model`` at ``step``, append the snapshot to ``history`` and log it (keys under ``prefix``)."""
+        """Score ``model`` at ``step``, append the snapshot to ``history`` and log it (keys under ``prefix``).
+
+        A model trained on an accelerator is scored on a CPU copy (toy models are small; the detectors and the fixed
+        batches live on the CPU)."""
+        if next(model.parameters()).device.type != "cpu":
+            model = copy.deepcopy(model).cpu()
         snap = snapshot(model, step, time.perf_counter() - self._start, self.detect_batch, self.eval_batch)
         self.history.append(snap)
         if logger:

@@ -46,7 +46,7 @@ from headlab.runs import atomic_write_json, atomic_write_text, load_config, save
 
 def _seed_config(config: dict[str, Any], out: Path, seed: int) -> dict[str, Any]:
     """The config of one seed's directory: exactly a single ``toy --seed S`` run (``--config`` reruns it)."""
-    return {**config, "out": str(out / f"seed-{seed}"), "seed": seed, "seeds": 1, "stack_seeds": True}
+    return {**config, "out": str(out / f"seed-{seed}"), "seed": seed, "seeds": 1, "stack_seeds": None}
 
 
 def _finished(seed_config: dict[str, Any]) -> bool:
@@ -280,13 +280,13 @@ def reemergence(run_dirs: Sequence[Path], out: Path) -> Reemergence:
     centres = np.mean([np.take_along_axis(v, a[..., None], axis=1) for v, a in zip(vectors, assignment)], axis=0)
     for layer in range(n_layers):
         for slot in range(n_slots):
-            functional_roles: list[str] = []
+            counts = dict.fromkeys(roles, 0)
             for (seed, table, _), vec, assign in zip(runs, vectors, assignment):
                 head = int(assign[layer, slot])
                 here = table[(table["layer"] == layer) & (table["head"] == head)]
-                functional = here[here["functional"].astype(bool)].sort_values("score", ascending=False)
-                role = functional["role"].iloc[0] if not functional.empty else ""
-                functional_roles.append(role)
+                functional = list(here.loc[here["functional"].astype(bool), "role"])
+                for role in functional:
+                    counts[role] += 1
                 matching_rows.append(
                     {
                         "seed": seed,
@@ -294,18 +294,17 @@ def reemergence(run_dirs: Sequence[Path], out: Path) -> Reemergence:
                         "slot": slot,
                         "head": head,
                         "distance": float(np.linalg.norm(vec[layer, head] - centres[layer, slot])),
-                        "functional_role": role,
+                        "functional_roles": "+".join(functional),
                     }
                 )
-            named = [r for r in functional_roles if r]
-            top = pd.Series(named).value_counts() if named else pd.Series(dtype=int)
+            held = sorted((role for role in roles if counts[role]), key=lambda role: -counts[role])
             slot_rows.append(
                 {
                     "layer": layer,
                     "slot": slot,
-                    "role": top.index[0] if len(top) else "",
-                    "seeds_with_role": int(top.iloc[0]) if len(top) else 0,
                     "seeds": len(runs),
+                    "roles": " ".join(f"{role}:{counts[role]}" for role in held),
+                    **{f"n_{role}": counts[role] for role in roles},
                     **{f"centre_{role}": float(centres[layer, slot, r]) for r, role in enumerate(roles)},
                 }
             )
@@ -336,9 +335,7 @@ def _summary(runs, role_frame: pd.DataFrame, slots: pd.DataFrame) -> dict[str, A
         "phase_change_step": _spread([float(p) for p in phase if p is not None]),
         "final_eval_accuracy": _spread([float(r["final_eval"]["accuracy"]) for _, _, r in runs if "final_eval" in r]),
         "roles": to_plain(role_frame.replace({np.nan: None}).to_dict(orient="records")),
-        "consistent_slots": to_plain(
-            slots[slots["seeds_with_role"] > 0][["layer", "slot", "role", "seeds_with_role"]].to_dict(orient="records")
-        ),
+        "slots": to_plain(slots[["layer", "slot", "roles"]].to_dict(orient="records")),
     }
 
 
@@ -369,10 +366,16 @@ def _markdown(role_frame: pd.DataFrame, slots: pd.DataFrame, summary: dict[str, 
             f"| {row['role']} | {round(row['detected_fraction'] * n)}/{n} | {round(row['emerged_fraction'] * n)}/{n} "
             f"| {row['layers'] or '-'} | {row['redundancy_mean']:.2f} / {row['redundancy_max']} | {steps} |"
         )
-    lines += ["", "Matched head slots (Hungarian matching on role-score vectors) holding a functional role:", ""]
-    lines += ["| slot | role | seeds |", "|---|---|---|"]
-    for row in slots[slots["seeds_with_role"] > 0].to_dict(orient="records"):
-        lines.append(f"| L{row['layer']}.{row['slot']} | {row['role']} | {row['seeds_with_role']}/{row['seeds']} |")
+    lines += [
+        "",
+        "Head slots (heads matched across seeds by the Hungarian algorithm on their role-score vectors): the "
+        "functional roles of the matched heads, with the number of seeds in which each holds.",
+        "",
+        f"| slot | functional roles (seeds out of {n}) |",
+        "|---|---|",
+    ]
+    for row in slots.to_dict(orient="records"):
+        lines.append(f"| L{row['layer']}.{row['slot']} | {row['roles'] or '-'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -81,6 +81,9 @@ class TrainConfig:
     """sequences in the fixed evaluation batch (task metric, ablation)"""
     log_every: int = 50
     """log the training loss every this many steps"""
+    accelerator: str = "cpu"
+    """where training runs: cpu, gpu, mps or auto (Lightning's names); detection and ablation always run on a CPU
+    copy. One toy model is too small to pay for a GPU; stacked seeds (--seeds N) are where one pays"""
 
 
 class TaskStream(IterableDataset):
