@@ -92,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: unknown command '{command}'; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from headlab.tracking import quiet_libraries
+
+    quiet_libraries()
     try:
         fn, kwargs = parse_command(command, rest)
         fn(**kwargs)

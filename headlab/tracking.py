@@ -67,3 +67,19 @@ def finish_wandb() -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for headlab's own lines: Lightning's per-Trainer banners (accelerator, tips, "max_steps
+    reached"), one of its deprecation warnings and the progress bars of ``save_pretrained`` say nothing a headlab
+    user needs. Idempotent; call it after Lightning is imported (its import resets its loggers to INFO)."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

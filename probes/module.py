@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from data import HeadCache
+from headlab.tracking import quiet_libraries
 from probes.config import ProbeConfig
 from probes.data import ProbeDataModule, ProbeProblem
 from probes.newton import HeadFits
@@ -148,6 +149,7 @@ def fit_adam(cache: HeadCache, problem: ProbeProblem, probe: ProbeConfig, logger
         from lightning.pytorch.callbacks import EarlyStopping
 
         callbacks.append(EarlyStopping("val_best_loss", patience=probe.patience, mode="min", min_delta=0.0))
+    quiet_libraries()
     trainer = pl.Trainer(max_epochs=probe.epochs, logger=logger, callbacks=callbacks, accelerator="cpu",
                          enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
                          enable_progress_bar=sys.stdout.isatty(), log_every_n_steps=1, default_root_dir=run_dir,

@@ -28,7 +28,7 @@ from data.tasks import Batch, Task, make_task
 from headlab.errors import HeadlabError
 from headlab.runs import atomic_write_json, atomic_write_text, save_config, to_plain
 from headlab.sweep import sweep_callbacks
-from headlab.tracking import LoggerKind, finish, make_logger
+from headlab.tracking import LoggerKind, finish, make_logger, quiet_libraries
 from toymodels.ablation import (
     AblationKind,
     AblationResult,
@@ -209,6 +209,7 @@ def _setup_seed(
 
 
 def _trainer(train: TrainConfig, run_logger, callbacks: list[pl.Callback], out: Path) -> pl.Trainer:
+    quiet_libraries()
     return pl.Trainer(
         max_steps=train.steps,
         max_epochs=-1,
