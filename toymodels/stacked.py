@@ -49,6 +49,8 @@ class StackedToyModel(nn.Module):
             attention.fold_vmap = True
         object.__setattr__(self, "template", template)  # not a submodule: its meta parameters are not trained
         params, buffers = stack_module_state(list(models))
+        if buffers:  # they would have to be stacked and moved with the module too; the toy model has none
+            raise ValueError(f"cannot stack models with buffers ({', '.join(buffers)})")
         self.names = list(params)
         # Tied weights (lm_head = embed with tie_embeddings) appear once in ``params``; name every alias of each.
         first: dict[int, str] = {}
@@ -56,7 +58,6 @@ class StackedToyModel(nn.Module):
             name: first.setdefault(id(p), name) for name, p in models[0].named_parameters(remove_duplicate=False)
         }
         self.stack = nn.ParameterDict({_key(name): nn.Parameter(value) for name, value in params.items()})
-        self.buffer_values = buffers  # the toy model has none today; kept for completeness
 
     def stacked(self) -> dict[str, torch.Tensor]:
         return {alias: self.stack[_key(name)] for alias, name in self.aliases.items()}
@@ -64,10 +65,10 @@ class StackedToyModel(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits ``[n, B, T, V]`` of ``input_ids`` ``[n, B, T]`` (seed ``s`` reads ``input_ids[s]``)."""
 
-        def one(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
-            return functional_call(self.template, (params, buffers), (ids,)).logits
+        def one(params: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+            return functional_call(self.template, params, (ids,)).logits
 
-        return vmap(one)(self.stacked(), self.buffer_values, input_ids)
+        return vmap(one)(self.stacked(), input_ids)
 
     @torch.no_grad()
     def write_to(self, models: Sequence[ToyTransformer]) -> None:
