@@ -187,8 +187,7 @@ class SeedRun:
     out: Path
     net: ToyTransformer
     null: dict[str, NullStats]
-    thresholds: dict[str, float]
-    tracker: EmergenceTracker
+    tracker: EmergenceTracker  # its thresholds: null_mean + n_sigma * null_std per role
 
 
 def _setup_seed(
@@ -205,7 +204,7 @@ def _setup_seed(
     null = null_distribution(net, detect_batch, n_models=detection.n_null, seed=seed + 10_000)
     thresholds = {role: stats.threshold(detection.n_sigma) for role, stats in null.items()}
     schedule = log_linear_schedule(train.steps, train.track_every)
-    return SeedRun(seed, out, net, null, thresholds, EmergenceTracker(detect_batch, eval_batch, schedule, thresholds))
+    return SeedRun(seed, out, net, null, EmergenceTracker(detect_batch, eval_batch, schedule, thresholds))
 
 
 def _trainer(train: TrainConfig, run_logger, callbacks: list[pl.Callback], out: Path) -> pl.Trainer:
@@ -235,8 +234,10 @@ def _finish_seed(
     train_seconds: float,
     started: float,
     extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Everything after training: the head map, the files and plots of the run directory, ``metrics.json``."""
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Everything after training: the head map, the files and plots of the run directory, ``metrics.json``.
+
+    Returns the metrics and the role table."""
     out, net, null, seed = run.out, run.net, run.null, run.seed
     net.eval()
     history = run.tracker.history
@@ -260,7 +261,7 @@ def _finish_seed(
     atomic_write_text(out / "scores.csv", pd.DataFrame(score_rows).to_csv(index=False))
     curve = pd.DataFrame({"step": steps, "eval_loss": losses, "eval_accuracy": [s.eval_accuracy for s in history]})
     atomic_write_text(out / "eval_curve.csv", curve.to_csv(index=False))
-    plot_scores_over_steps(history, run.thresholds, out / "scores_over_steps.png")
+    plot_scores_over_steps(history, run.tracker.thresholds, out / "scores_over_steps.png")
     plot_loss(history, phase, out / "loss.png", pd.DataFrame(train_log, columns=["step", "loss"]))
     metrics = {
         "task": the_task.name,
@@ -277,8 +278,7 @@ def _finish_seed(
         **(extra or {}),
     }
     atomic_write_json(out / "metrics.json", metrics)
-    metrics["_table"] = head_map.table  # for the W&B log of a single run; not written
-    return metrics
+    return metrics, head_map.table
 
 
 def toy(
@@ -344,8 +344,8 @@ def toy(
     trainer.fit(module, datamodule=TaskDataModule(the_task, train.batch_size, seed))
     train_seconds = time.perf_counter() - train_started
     run.net.cpu()
-    metrics = _finish_seed(run, the_task, detection, train, module.train_log, train_seconds, started)
-    _log_to_wandb(run_logger, out, metrics.pop("_table"), metrics)
+    metrics, table = _finish_seed(run, the_task, detection, train, module.train_log, train_seconds, started)
+    _log_to_wandb(run_logger, out, table, metrics)
     finish(run_logger)
     _print_summary(_summary_lines(out, metrics["target"], metrics["phase_change_step"], metrics))
     return out

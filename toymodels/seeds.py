@@ -138,10 +138,9 @@ def _train_stacked(the_task, configs, todo, model, train, detection, logger, out
     trainer.fit(module, datamodule=StackedTaskDataModule(the_task, train.batch_size, todo))
     train_seconds = time.perf_counter() - train_started
     stacked.write_to([run.net for run in runs])
-    for index, run in enumerate(runs):
-        extra = {"stacked_seeds": len(todo)}
-        metrics = _finish_seed(run, the_task, detection, train, module.train_logs[index], train_seconds, started, extra)
-        metrics.pop("_table")
+    extra = {"stacked_seeds": len(todo)}
+    for run, log in zip(runs, module.train_logs):
+        metrics, _ = _finish_seed(run, the_task, detection, train, log, train_seconds, started, extra)
         _print_summary(_summary_lines(run.out, metrics["target"], metrics["phase_change_step"], metrics))
     finish(run_logger)
 
