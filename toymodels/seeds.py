@@ -226,6 +226,18 @@ def _spread(values: list[float]) -> dict[str, float | None]:
     }
 
 
+def _emergence_steps(runs, role: str) -> list[float]:
+    """Per seed where ``role`` emerged: the emergence step of its best (highest-scoring) functional head."""
+    steps = []
+    for _, table, _ in runs:
+        functional = table[(table["role"] == role) & table["functional"].astype(bool)]
+        if not functional.empty:
+            best = functional.sort_values("score", ascending=False).iloc[0]
+            if not pd.isna(best["emerged_step"]):
+                steps.append(float(best["emerged_step"]))
+    return steps
+
+
 def _role_rows(runs, roles: Sequence[str]) -> list[dict[str, Any]]:
     n_seeds = len(runs)
     rows = []
@@ -233,7 +245,6 @@ def _role_rows(runs, roles: Sequence[str]) -> list[dict[str, Any]]:
         detected_seeds = emerged_seeds = 0
         layers: list[int] = []
         redundancy: list[int] = []
-        steps: list[float] = []
         for _, table, _ in runs:
             rows_role = table[table["role"] == role]
             detected = rows_role[rows_role["detected"].astype(bool)]
@@ -245,10 +256,8 @@ def _role_rows(runs, roles: Sequence[str]) -> list[dict[str, Any]]:
             best = functional.sort_values("score", ascending=False).iloc[0]
             layers.append(int(best["layer"]))
             redundancy.append(len(functional))
-            if not pd.isna(best["emerged_step"]):
-                steps.append(float(best["emerged_step"]))
         counts = pd.Series(layers).value_counts().sort_index()
-        spread = _spread(steps)
+        spread = _spread(_emergence_steps(runs, role))
         rows.append(
             {
                 "role": role,
@@ -395,13 +404,7 @@ def _plot(runs, role_frame: pd.DataFrame, path: Path) -> None:
     left.invert_yaxis()
     left.legend(loc="lower right", fontsize=8)
     for r, role in enumerate(roles):
-        steps = []
-        for _, table, _ in runs:
-            functional = table[(table["role"] == role) & table["functional"].astype(bool)]
-            if not functional.empty:
-                best = functional.sort_values("score", ascending=False).iloc[0]
-                if not pd.isna(best["emerged_step"]):
-                    steps.append(best["emerged_step"])
+        steps = _emergence_steps(runs, role)
         right.scatter(steps, np.full(len(steps), r), color="#3182bd", alpha=0.7)
     right.set(yticks=y, yticklabels=roles, xlabel="emergence step of the best functional head", title="when")
     right.invert_yaxis()
