@@ -5,7 +5,8 @@
 >>> c.activations.shape, len(c.labels)
 """
 
-from data.cache import CacheWriter, HeadCache, ShardedArray, write_cache
+from data.cache import HeadCache, ShardedArray
+from data.cache_writer import CacheWriter, write_cache
 from data.labels import encode_labels, infer_schema
 
 __all__ = ["CacheWriter", "HeadCache", "ShardedArray", "encode_labels", "infer_schema", "write_cache"]

@@ -11,10 +11,9 @@ Layout of a cache directory::
     shards/00000.npy ...   activations ``[rows, layers, heads, d_head]``, row-major, float16 by default
     shards/00000.rows.npy  ``[rows, 2]``: example and token index of each row of that shard
 
-Each shard is written to a temporary name and renamed, and the manifest is rewritten (atomically) after every
-shard, so a killed run resumes from the last complete shard. The cache is content addressed: its ``key`` hashes
-everything that determines its contents (model weights fingerprint, dataset fingerprint, layers, positions rule,
-dtype, max length), and a directory holding a cache of other inputs is never written into.
+Writing is :mod:`data.cache_writer`: each shard is written to a temporary name and renamed, and the manifest is
+rewritten (atomically) after every shard, so a killed run resumes from the last complete shard. The cache is
+content addressed (:mod:`data.manifest`), and a directory holding a cache of other inputs is never written into.
 
 Row-major shards suit both consumers: minibatches of rows (toy probing, streaming) read contiguous bytes, and the
 all-heads probe reads whole shards sequentially and transposes each into head-major blocks in memory.
@@ -24,8 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
-from collections.abc import Iterable, Iterator, Mapping
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,6 @@ import numpy as np
 import pandas as pd
 
 from headlab.errors import HeadlabError
-from headlab.runs import atomic_write, atomic_write_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -41,12 +38,6 @@ MANIFEST = "manifest.json"
 
 def sha256_of_array(array: np.ndarray) -> str:
     return hashlib.sha256(memoryview(np.ascontiguousarray(array)).cast("B")).hexdigest()
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` as .npy atomically, streaming it to disk without an in-memory copy."""
-    atomic_write(path, lambda handle: np.lib.format.write_array(handle, np.ascontiguousarray(array),
-                                                                  allow_pickle=False))
 
 
 class ShardedArray:
@@ -65,6 +56,7 @@ class ShardedArray:
         self._checksums = checksums
         self._verify = verify and checksums is not None
         self._maps: dict[int, np.ndarray] = {}
+        self._verified: set[int] = set()
         self.shape = (int(self._offsets[-1]), *row_shape)
         self.dtype = np.dtype(dtype)
         self.ndim = len(self.shape)
@@ -81,30 +73,79 @@ class ShardedArray:
         return len(self._paths)
 
     def shard(self, index: int) -> np.ndarray:
-        """Shard ``index`` as a read-only memory map ``[shard_rows, ...]`` (verified on first use)."""
+        """Shard ``index`` as a read-only memory map ``[shard_rows, ...]`` (shape-checked when mapped, checksum-
+        verified on first use when ``verify``).
+
+        Mapping parses the ``.npy`` header (``np.load`` runs ``ast.literal_eval``), which CPython 3.11 cannot do
+        safely from several threads at once, so a shard is only ever mapped on the main thread: code that reads
+        from worker threads calls :meth:`open_all` first, and a worker that meets an unmapped shard raises.
+        """
         if index not in self._maps:
-            path = self._paths[index]
-            array = np.load(path, mmap_mode="r")
-            expected = (self._rows[index], *self.shape[1:])
-            if array.shape != expected or array.dtype != self.dtype:
-                raise HeadlabError(
-                    f"cache shard {path} holds {array.dtype}{list(array.shape)}, expected {self.dtype}{list(expected)};"
-                    " the cache is corrupt: delete it and run the cache command again"
+            if threading.current_thread() is not threading.main_thread():
+                raise RuntimeError(
+                    f"cache shard {index} mapped from worker thread {threading.current_thread().name}; call "
+                    "ShardedArray.open_all() on the main thread before starting workers"
                 )
-            if self._verify and sha256_of_array(array) != self._checksums[index]:
-                raise HeadlabError(
-                    f"cache shard {path} fails its checksum (the file changed after it was written); "
-                    "delete the shard and run the same cache command again to rewrite it"
-                )
-            self._maps[index] = array
+            self._maps[index] = self._map(index)
+        if self._verify and index not in self._verified:
+            self._check(index)
         return self._maps[index]
+
+    def _map(self, index: int) -> np.ndarray:
+        path = self._paths[index]
+        expected = (self._rows[index], *self.shape[1:])
+        size = path.stat().st_size if path.exists() else -1
+        if size < int(np.prod(expected)) * self.dtype.itemsize:
+            raise HeadlabError(
+                f"cache shard {path} is truncated or missing ({max(size, 0)} bytes for {self.dtype}{list(expected)}); "
+                "delete the cache directory and run the cache command again"
+            )
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (ValueError, OSError, SyntaxError) as error:
+            raise HeadlabError(f"cache shard {path} cannot be read ({error}); the cache is corrupt: delete it and "
+                               "run the cache command again") from error
+        if array.shape != expected or array.dtype != self.dtype:
+            raise HeadlabError(
+                f"cache shard {path} holds {array.dtype}{list(array.shape)}, expected {self.dtype}{list(expected)};"
+                " the cache is corrupt: delete it and run the cache command again"
+            )
+        return array
+
+    def _check(self, index: int) -> None:
+        if sha256_of_array(self._maps[index]) != self._checksums[index]:
+            raise HeadlabError(
+                f"cache shard {self._paths[index]} fails its checksum (the file changed after it was written); "
+                "delete the shard and run the same cache command again to rewrite it"
+            )
+        self._verified.add(index)
+
+    def mapped(self, index: int) -> np.ndarray:
+        """Shard ``index``'s memory map without checksum work (for readers whose caller verifies separately, e.g.
+        on a background thread); :meth:`open_all` must have mapped it."""
+        if index not in self._maps:
+            return self.shard(index)
+        return self._maps[index]
+
+    def open_all(self) -> ShardedArray:
+        """Map every shard now, on the calling (main) thread, without hashing: afterwards any thread may read."""
+        for index in range(self.n_shards):
+            if index not in self._maps:
+                self._maps[index] = self._map(index)
+        return self
 
     def shard_bounds(self, index: int) -> tuple[int, int]:
         return int(self._offsets[index]), int(self._offsets[index + 1])
 
     def verify(self) -> None:
+        """Check every shard's checksum now. Only hashing happens here once :meth:`open_all` has run, so this may
+        run on a worker thread beside readers."""
         for index in range(self.n_shards):
-            self.shard(index)
+            if index not in self._verified:
+                if index not in self._maps:
+                    self.shard(index)  # maps (main thread only) and checks
+                else:
+                    self._check(index)
 
     def __array__(self, dtype=None, copy=None):
         out = self[:]
@@ -260,153 +301,3 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
         return json.loads(file.read_text())
     except json.JSONDecodeError as error:
         raise HeadlabError(f"{file} is not valid JSON ({error}); delete the cache directory and rebuild it") from error
-
-
-def cache_key(identity: Mapping[str, Any]) -> str:
-    """Content address of a cache: sha256 of the canonical JSON of everything that determines its contents."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
-
-
-class CacheWriter:
-    """Writes a cache shard by shard, resuming a partial cache of the same inputs.
-
-    ``identity`` holds everything that determines the cache's contents; its hash is the cache key. ``header`` adds
-    descriptive fields to the manifest (layers, n_heads, d_head, dtype, label schema, ...). Row metadata and labels
-    are written by :meth:`finish`, after :meth:`add_shard` has been called once per shard, in order.
-    """
-
-    def __init__(self, path: str | Path, identity: Mapping[str, Any], header: Mapping[str, Any]):
-        self.path = Path(path)
-        self.key = cache_key(identity)
-        existing = read_manifest(self.path) if self.path.exists() else None
-        if existing is not None and existing.get("key") != self.key:
-            raise HeadlabError(
-                f"{self.path} holds a head cache of different inputs (model {existing['model'].get('id')!r}, "
-                f"dataset {existing['dataset'].get('spec')!r}, positions {existing.get('positions')!r}); "
-                "choose another --out or delete that directory"
-            )
-        if existing is None and self.path.exists() and any(p.name != "config.yaml" for p in self.path.iterdir()):
-            raise HeadlabError(f"{self.path} exists and is not a head cache; choose an empty or new --out directory")
-        if existing is not None:
-            self.manifest = existing
-            self._drop_unlisted_shards()
-        else:
-            self.manifest = {
-                "format_version": FORMAT_VERSION,
-                "key": self.key,
-                **header,
-                "identity": dict(identity),
-                "rows": 0,
-                "complete": False,
-                "shards": [],
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.manifest.get("complete"))
-
-    @property
-    def examples_done(self) -> int:
-        """How many dataset examples the complete shards cover (resume point)."""
-        shards = self.manifest["shards"]
-        return shards[-1]["end_example"] if shards else 0
-
-    def _drop_unlisted_shards(self) -> None:
-        listed = {s["file"] for s in self.manifest["shards"]}
-        shard_dir = self.path / "shards"
-        if shard_dir.exists():
-            for file in shard_dir.iterdir():
-                if f"shards/{file.name.replace('.rows.npy', '.npy')}" not in listed:
-                    file.unlink()
-        for shard in self.manifest["shards"]:
-            if not (self.path / shard["file"]).exists():
-                raise HeadlabError(
-                    f"head cache {self.path} lists shard {shard['file']} but the file is gone; "
-                    "delete the directory and run the cache command again"
-                )
-
-    def add_shard(self, activations: np.ndarray, example: np.ndarray, token: np.ndarray, end_example: int) -> None:
-        """Append one shard ``[rows, layers, heads, d_head]`` covering dataset examples up to ``end_example``.
-
-        ``example`` and ``token`` (``[rows]``) say which example and token position each row was read at.
-        """
-        index = len(self.manifest["shards"])
-        name = f"shards/{index:05d}.npy"
-        _save_npy(self.path / f"shards/{index:05d}.rows.npy", np.stack([example, token], 1).astype(np.int64))
-        digest = sha256_of_array(activations)
-        _save_npy(self.path / name, activations)
-        self.manifest["shards"].append({
-            "file": name,
-            "rows": int(activations.shape[0]),
-            "start_example": self.examples_done,
-            "end_example": int(end_example),
-            "sha256": digest,
-        })
-        self.manifest["rows"] = int(sum(s["rows"] for s in self.manifest["shards"]))
-        atomic_write_json(self.path / MANIFEST, self.manifest)
-
-    def finish(self, labels: Mapping[str, np.ndarray], extra: Mapping[str, np.ndarray] | None = None,
-               **fields: Any) -> HeadCache:
-        """Write the per-row label columns (``labels[column][example]`` of each row) and mark the cache complete.
-
-        ``labels`` and ``extra`` (e.g. ``group``) hold one value per dataset example.
-        """
-        meta = [np.load(self.path / s["file"].replace(".npy", ".rows.npy")) for s in self.manifest["shards"]]
-        rows = np.concatenate(meta) if meta else np.empty((0, 2), np.int64)
-        example, token = rows[:, 0], rows[:, 1]
-        for name, values in {**labels, **(extra or {})}.items():
-            _save_npy(self.path / "labels" / f"{name}.npy", np.asarray(values)[example])
-        _save_npy(self.path / "rows" / "example.npy", example)
-        _save_npy(self.path / "rows" / "token.npy", token)
-        self.manifest["extra_columns"] = list(extra or {})
-        self.manifest.update(fields)
-        self.manifest["complete"] = True
-        atomic_write_json(self.path / MANIFEST, self.manifest)
-        return HeadCache.open(self.path, verify=False)
-
-
-def write_cache(
-    path: str | Path,
-    activations: np.ndarray | Iterable[np.ndarray],
-    labels: Mapping[str, Iterable[Any]],
-    *,
-    label_schema: Mapping[str, Mapping[str, Any]] | None = None,
-    layers: list[int] | None = None,
-    model: Mapping[str, Any] | None = None,
-    dataset: Mapping[str, Any] | None = None,
-    positions: str = "last",
-    groups: Iterable[Any] | None = None,
-) -> HeadCache:
-    """Write a cache from arrays already in memory (or an iterable of shards): synthetic caches for tests,
-    benchmarks and activations computed elsewhere. ``labels`` maps column -> one value per row; the schema is
-    inferred when not given (see :func:`data.labels.infer_schema`)."""
-    from data.labels import infer_schema
-
-    shards: Iterator[np.ndarray] = iter([activations] if isinstance(activations, np.ndarray) else activations)
-    first = next(shards)
-    label_arrays = {name: np.asarray(list(values)) for name, values in labels.items()}
-    schema = dict(label_schema) if label_schema else {n: infer_schema(n, v) for n, v in label_arrays.items()}
-    rows_hint = len(next(iter(label_arrays.values()))) if label_arrays else None
-    header = {
-        "model": dict(model or {"id": "in-memory"}),
-        "dataset": dict(dataset or {"spec": "in-memory"}),
-        "layers": layers if layers is not None else list(range(first.shape[1])),
-        "n_layers": first.shape[1] if layers is None else max(layers) + 1,
-        "n_heads": int(first.shape[2]),
-        "d_head": int(first.shape[3]),
-        "dtype": str(first.dtype),
-        "positions": positions,
-        "label_schema": schema,
-    }
-    identity = {"random": hashlib.sha256(np.random.bytes(16)).hexdigest()} if model is None else dict(model)
-    writer = CacheWriter(path, identity, header)
-    extra = {"group": np.asarray(list(groups))} if groups is not None else None
-    done = 0
-    for shard in [first, *shards]:
-        n = shard.shape[0]
-        writer.add_shard(shard, np.arange(done, done + n), np.full(n, -1), end_example=done + n)
-        done += n
-    if rows_hint is not None and done != rows_hint:
-        raise HeadlabError(f"write_cache got {done} activation rows but {rows_hint} labels; pass one label per row")
-    return writer.finish(label_arrays, extra)

@@ -1,4 +1,9 @@
-"""``python train.py cache``: run a Hugging Face model over a labelled dataset and cache every head's output."""
+"""``python train.py cache``: run a Hugging Face model over a labelled dataset and cache every head's output.
+
+:func:`cache` is the command (its options are the CLI); :func:`describe` builds the cache's typed description
+(:class:`data.manifest.CacheSpec`) from the model, the capture settings and the dataset, and :func:`write_shards`
+is the shard-writing loop, which overlaps forward passes with disk writes and resumes where a killed run stopped.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +17,14 @@ from typing import Literal
 import numpy as np
 import torch
 
-from data.cache import CacheWriter, HeadCache
+from data.cache import HeadCache
+from data.cache_writer import CacheWriter
 from data.capture import HeadCapture, Positions
-from data.datasets import load_dataset
+from data.datasets import DatasetConfig, LabelledDataset, load_dataset
 from data.labels import LabelKind
+from data.manifest import CacheSpec, cache_key
 from headlab.errors import HeadlabError
-from headlab.models import DType, context_length, load_model, weights_fingerprint
+from headlab.models import DType, LoadedModel, context_length, load_model, weights_fingerprint
 from headlab.progress import progress
 from headlab.runs import save_config
 
@@ -59,6 +66,50 @@ class _ShardWriterThread:
 def _slug(text: str) -> str:
     keep = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(text.rstrip("/")).name or text)
     return keep.strip("-")[:40] or "x"
+
+
+def describe(loaded: LoadedModel, capture: HeadCapture, data: LabelledDataset, dataset: DatasetConfig,
+             dtype: str, model_dtype: str, max_length: int | None) -> CacheSpec:
+    """The cache's typed description (what ``manifest.json`` records and what its key hashes)."""
+    net = loaded.model
+    return CacheSpec(
+        model_id=loaded.model_id, model_source=loaded.source, model_class=type(net).__name__,
+        model_type=net.config.model_type, revision=getattr(net.config, "_commit_hash", None),
+        weights=weights_fingerprint(net), model_dtype=model_dtype, n_layers=int(net.config.num_hidden_layers),
+        layers=capture.layers, n_heads=capture.n_heads, d_head=capture.d_head, positions=capture.positions,
+        dtype=dtype, max_length=max_length, padding_side=getattr(loaded.tokenizer, "padding_side", "right"),
+        dataset=dataset, dataset_fingerprint=data.fingerprint(), examples=len(data), label_schema=data.schema,
+    )
+
+
+def write_shards(capture: HeadCapture, data: LabelledDataset, writer: CacheWriter, shard_rows: int,
+                 batch_size: int) -> None:
+    """Capture examples ``writer.examples_done ..`` batch by batch and hand ``shard_rows``-row shards to a writer
+    thread; a killed run leaves only complete shards, and the next run starts after the last of them."""
+    start = writer.examples_done
+    if start:
+        log.info("resuming %s from example %d of %d", writer.path, start, len(data))
+    background = _ShardWriterThread(writer)
+    buffers: list = []
+    buffered, done = 0, start
+    try:
+        with progress(len(data) - start, f"caching {len(capture.layers)}x{capture.n_heads} heads",
+                      unit="examples") as advance:
+            for end, batch in capture.iterate(data.texts, data.marks, batch_size=batch_size, start=start):
+                buffers.append(batch)
+                buffered += len(batch.example)
+                advance(end - done)
+                done = end
+                if buffered >= shard_rows or end == len(data):
+                    background.put(
+                        np.concatenate([b.activations for b in buffers]),  # [rows, layers, heads, d_head]
+                        np.concatenate([b.example for b in buffers]),
+                        np.concatenate([b.token for b in buffers]),
+                        end,
+                    )
+                    buffers, buffered = [], 0
+    finally:
+        background.close()
 
 
 def cache(
@@ -111,83 +162,28 @@ def cache(
     if batch_size < 1:
         raise HeadlabError(f"batch_size must be at least 1, got {batch_size}")
     start_time = time.perf_counter()
-    data = load_dataset(dataset, text_field=text_field, label_field=label_field, mark_field=mark_field,
-                        group_field=group_field, label_kind=label_kind, split=split, limit=limit)
+    config = DatasetConfig(dataset, text_field, label_field, mark_field, group_field, label_kind, split, limit)
+    data = load_dataset(config)
     if positions == "marked" and data.marks is None:
         raise HeadlabError(f"--positions marked needs marked tokens, but dataset {dataset} has no '{mark_field}' field")
     loaded = load_model(model, dtype=model_dtype, device=device)
-    net, tokenizer = loaded.model, loaded.tokenizer
-    limit_tokens = context_length(net, tokenizer)
+    limit_tokens = context_length(loaded.model, loaded.tokenizer)
     if max_length is not None and limit_tokens is not None and max_length > limit_tokens:
         raise HeadlabError(f"max_length {max_length} exceeds the model's context of {limit_tokens} tokens")
     effective_max = max_length or limit_tokens
-    capture = HeadCapture(net, tokenizer, positions=positions, layers=layers, max_length=effective_max,
-                          store_dtype=torch.float16 if dtype == "float16" else torch.float32)
-    identity = {
-        "format": 1,
-        "weights": weights_fingerprint(net),
-        "model_type": net.config.model_type,
-        "model_dtype": model_dtype,
-        "layers": capture.layers,
-        "positions": positions,
-        "dtype": dtype,
-        "max_length": effective_max,
-        "dataset": data.fingerprint(),
-        "fields": data.fields,
-    }
-    header = {
-        "model": {"id": model, "source": loaded.source, "revision": getattr(net.config, "_commit_hash", None),
-                  "weights_sha256_sampled": identity["weights"], "class": type(net).__name__},
-        "architecture": net.config.model_type,
-        "n_layers": int(net.config.num_hidden_layers),
-        "layers": capture.layers,
-        "n_heads": capture.n_heads,
-        "d_head": capture.d_head,
-        "positions": positions,
-        "dtype": dtype,
-        "model_dtype": model_dtype,
-        "max_length": effective_max,
-        "padding_side": getattr(tokenizer, "padding_side", "right"),
-        "dataset": {"spec": dataset, "fingerprint": identity["dataset"], "examples": len(data), **data.fields},
-        "label_schema": data.schema,
-    }
+    capture = HeadCapture(loaded.model, loaded.tokenizer, positions=positions, layers=layers,
+                          max_length=effective_max, store_dtype=torch.float16 if dtype == "float16" else torch.float32)
+    spec = describe(loaded, capture, data, config, dtype, model_dtype, effective_max)
     if out is None:
-        from data.cache import cache_key
-
-        out = Path("runs/cache") / f"{_slug(model)}-{_slug(dataset)}-{positions}-{cache_key(identity)[:10]}"
-    writer = CacheWriter(out, identity, header)
+        out = Path("runs/cache") / f"{_slug(model)}-{_slug(dataset)}-{positions}-{cache_key(spec.identity())[:10]}"
+    writer = CacheWriter(out, spec.identity(), spec.header())
     save_config(out, {**arguments, "out": out})
     if writer.complete:
-        result = HeadCache.open(out)
-        print(f"reused complete cache {out}: {_describe(result)}")
+        print(f"reused complete cache {out}: {_describe(HeadCache.open(out))}")
         return Path(out)
     start = writer.examples_done
-    if start:
-        log.info("resuming %s from example %d of %d", out, start, len(data))
     row_bytes = len(capture.layers) * capture.n_heads * capture.d_head * (2 if dtype == "float16" else 4)
-    shard_rows = max(1, int(shard_mb * 2**20 / row_bytes))
-    background = _ShardWriterThread(writer)
-    buffers: list = []
-    buffered = 0
-    done = start
-    try:
-        with progress(len(data) - start, f"caching {len(capture.layers)}x{capture.n_heads} heads",
-                      unit="examples") as advance:
-            for end, batch in capture.iterate(data.texts, data.marks, batch_size=batch_size, start=start):
-                buffers.append(batch)
-                buffered += len(batch.example)
-                advance(end - done)
-                done = end
-                if buffered >= shard_rows or end == len(data):
-                    background.put(
-                        np.concatenate([b.activations for b in buffers]),
-                        np.concatenate([b.example for b in buffers]),
-                        np.concatenate([b.token for b in buffers]),
-                        end,
-                    )
-                    buffers, buffered = [], 0
-    finally:
-        background.close()
+    write_shards(capture, data, writer, max(1, int(shard_mb * 2**20 / row_bytes)), batch_size)
     if capture.truncated:
         log.warning("%d examples were longer than %d tokens and were truncated to their first %d",
                     capture.truncated, effective_max, effective_max)

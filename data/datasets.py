@@ -28,6 +28,44 @@ from data.labels import LabelKind, infer_schema, label_array
 from headlab.errors import HeadlabError
 
 
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Which labelled dataset to read and which of its fields mean what (shared by ``cache`` and the steering
+    check, which rebuilds the same examples from the cache's manifest)."""
+
+    spec: str
+    """a .jsonl/.json/.csv/.tsv file, ``hf:NAME[:CONFIG]``, a save_to_disk directory, or a built-in set"""
+    text_field: str = "text"
+    """field holding the text"""
+    label_field: str | list[str] = "label"
+    """field(s) holding labels; the first is the primary label"""
+    mark_field: str = "mark"
+    """field holding the character offset(s) of marked tokens (used when present)"""
+    group_field: str | None = "group"
+    """field grouping examples for grouped splits (used when present)"""
+    label_kind: LabelKind = "auto"
+    """``auto`` infers binary / multiclass / regression from the label values"""
+    split: str = "train"
+    """split to read for Hugging Face datasets"""
+    limit: int | None = None
+    """read only the first ``limit`` examples"""
+
+    @property
+    def label_fields(self) -> list[str]:
+        return [self.label_field] if isinstance(self.label_field, str) else list(self.label_field)
+
+    def fields(self) -> dict[str, Any]:
+        """The field options as the cache's manifest and content address record them."""
+        return {"text_field": self.text_field, "label_field": self.label_fields, "mark_field": self.mark_field,
+                "group_field": self.group_field, "split": self.split, "limit": self.limit}
+
+    @classmethod
+    def from_manifest(cls, record: dict[str, Any]) -> DatasetConfig:
+        """The config a cache was built from, from its manifest's ``dataset`` entry."""
+        known = {f for f in cls.__dataclass_fields__ if f != "spec"}
+        return cls(record["spec"], **{k: v for k, v in record.items() if k in known})
+
+
 @dataclass
 class LabelledDataset:
     """Texts with one or more label columns, optional marked character offsets and optional groups."""
@@ -143,24 +181,20 @@ def _read_saved_hf(path: Path, split: str) -> list[dict[str, Any]]:
     return list(loaded)
 
 
-def load_dataset(
-    spec: str,
-    *,
-    text_field: str = "text",
-    label_field: str | list[str] = "label",
-    mark_field: str = "mark",
-    group_field: str | None = "group",
-    label_kind: LabelKind = "auto",
-    split: str = "train",
-    limit: int | None = None,
-) -> LabelledDataset:
-    """Read and check a labelled dataset. ``group_field`` and ``mark_field`` are used when present."""
-    records = _read_records(spec, split)
-    if limit is not None:
-        records = records[:limit]
+def load_dataset(config: DatasetConfig | str) -> LabelledDataset:
+    """Read and check a labelled dataset (a spec alone reads it with the default fields). ``group_field`` and
+    ``mark_field`` are used when present."""
+    if isinstance(config, str):
+        config = DatasetConfig(config)
+    spec, text_field, mark_field, group_field = config.spec, config.text_field, config.mark_field, config.group_field
+    if config.limit is not None and config.limit < 1:
+        raise HeadlabError(f"--limit {config.limit} must be a positive number of examples (or leave it unset)")
+    records = _read_records(spec, config.split)
+    if config.limit is not None:
+        records = records[: config.limit]
     if not records:
         raise HeadlabError(f"dataset {spec} is empty; it needs at least one example")
-    label_fields = [label_field] if isinstance(label_field, str) else list(label_field)
+    label_fields = config.label_fields
     available = sorted(records[0])
     for needed, option in [(text_field, "--text_field"), *[(f, "--label_field") for f in label_fields]]:
         missing = next((i for i, r in enumerate(records) if needed not in r), None)
@@ -172,11 +206,12 @@ def load_dataset(
     texts = []
     for i, record in enumerate(records):
         text = record[text_field]
-        if not isinstance(text, str) or not text:
-            raise HeadlabError(f"dataset {spec}: example {i} has no text in '{text_field}' (got {text!r})")
+        if not isinstance(text, str) or not text.strip():
+            raise HeadlabError(f"dataset {spec}: example {i} has no text in '{text_field}' (got {text!r}); give "
+                               "every example a non-empty text or drop it")
         texts.append(text)
     labels = {name: label_array(name, [r[name] for r in records], f"dataset {spec}") for name in label_fields}
-    schema = {name: infer_schema(name, values, label_kind) for name, values in labels.items()}
+    schema = {name: infer_schema(name, values, config.label_kind) for name, values in labels.items()}
     marks = None
     if any(mark_field in r for r in records):
         marks = []
@@ -194,8 +229,4 @@ def load_dataset(
         if not all(group_field in r for r in records):
             raise HeadlabError(f"dataset {spec}: some examples lack '{group_field}'; give every example a group")
         groups = np.asarray([str(r[group_field]) for r in records])
-    return LabelledDataset(
-        spec, texts, labels, schema, marks, groups,
-        fields={"text_field": text_field, "label_field": label_fields, "mark_field": mark_field,
-                "group_field": group_field, "split": split, "limit": limit},
-    )
+    return LabelledDataset(spec, texts, labels, schema, marks, groups, fields=config.fields())

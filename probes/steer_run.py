@@ -12,7 +12,6 @@ import torch
 
 from data import HeadCache
 from headlab.errors import HeadlabError
-from headlab.runs import load_config
 from probes.config import SteerConfig
 from probes.data import ProbeProblem
 from probes.evaluate import top_heads
@@ -24,15 +23,13 @@ def steer_top_heads(cache: HeadCache, problem: ProbeProblem, frame: pd.DataFrame
                     steer: SteerConfig, seed: int) -> dict[str, Any]:
     """Steer the cache's model along the top heads' directions on held-out (test) examples."""
     from data.capture import forward_inputs, tokenize_batch
-    from data.datasets import load_dataset
+    from data.datasets import DatasetConfig, load_dataset
     from headlab.models import load_model
 
     if problem.kind != "binary" and steer.continuations is None:
         raise HeadlabError("the steering check without --steer.continuations needs a binary label")
     manifest = cache.manifest
-    options = load_config(cache.path / "config.yaml") if (cache.path / "config.yaml").exists() else {}
-    fields = {k: options[k] for k in ("text_field", "label_field", "mark_field", "group_field") if k in options}
-    dataset = load_dataset(manifest["dataset"]["spec"], **fields)
+    dataset = load_dataset(DatasetConfig.from_manifest(manifest["dataset"]))  # the cache's examples, split included
     examples = np.unique(cache.example_index[problem.parts == problem.test_part])[: steer.max_prompts]
     texts = [dataset.texts[i] for i in examples]
     model_id = steer.model or manifest["model"]["id"]
