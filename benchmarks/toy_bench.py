@@ -27,8 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning.pytorch as pl
 import torch
 
-from data.tasks import make_task
-from toymodels.ablation import target_loss
+from data.tasks import make_task, target_loss
 from toymodels.command import toy
 from toymodels.modeling import ToyTransformer
 from toymodels.training import TaskDataModule, ToyConfig, ToyLitModule, TrainConfig
@@ -75,7 +74,7 @@ def lightning_seconds_per_step(steps: int, warmup: int) -> float:
     task, cfg = make_task("induction"), TrainConfig()
     timer = _StepTimer(warmup)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = pl.Trainer(  # the Trainer settings of toymodels.command.toy
+        trainer = pl.Trainer(  # the Trainer settings of toymodels.run.make_trainer
             max_steps=warmup + steps,
             max_epochs=-1,
             accelerator="cpu",

@@ -63,7 +63,7 @@ def demo(out: Path = Path("runs/demo"), dataset: str = "sentiment", device: str 
     toy_dir = toy(task="induction", out=out / "toy", logger=logger, seeds=2)
 
     _banner("4. toy vs real: heads by the survey's four stages and relative depth")
-    from toymodels.stages import stages
+    from roles.stages.command import stages
 
     stages_dir = stages(toy_runs=[str(toy_dir)], models=["minilm"], out=out / "stages")
 

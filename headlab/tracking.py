@@ -8,6 +8,7 @@ log only, ``none`` disables logging.
 
 from __future__ import annotations
 
+import contextvars
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +16,9 @@ from typing import Any, Literal
 from headlab.runs import to_plain, wandb_mode
 
 LoggerKind = Literal["wandb", "csv", "none"]
+
+# The Optuna trial of the run in progress (None outside a sweep): training loops report to it for pruning.
+current_trial: contextvars.ContextVar[Any] = contextvars.ContextVar("headlab_current_trial", default=None)
 
 
 def make_logger(
@@ -83,3 +87,43 @@ def quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+
+
+class PruningCallback:
+    """A Lightning callback that reports ``monitor`` to the current Optuna trial every ``every_n_steps`` training
+    steps (and after each validation) and stops the run when the pruner says so. ``mode`` says whether the
+    monitored value is better high (``max``) or low (``min``); it is sign-flipped when the study optimises the
+    other way, so a sweep maximising accuracy can prune on training loss. Does nothing outside a sweep."""
+
+    def __new__(cls, monitor: str, mode: Literal["min", "max"] = "min", every_n_steps: int = 100):
+        from lightning.pytorch.callbacks import Callback
+
+        class _Pruning(Callback):
+            def _report(self, trainer) -> None:
+                trial = current_trial.get()
+                value = trainer.callback_metrics.get(monitor)
+                if trial is None or value is None or trainer.sanity_checking:
+                    return
+                import optuna
+
+                maximize = trial.study.direction == optuna.study.StudyDirection.MAXIMIZE
+                value = float(value)
+                trial.report(value if (mode == "max") == maximize else -value, step=trainer.global_step)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned at step {trainer.global_step} ({monitor}={value:.4g})")
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+                if trainer.global_step and trainer.global_step % every_n_steps == 0:
+                    self._report(trainer)
+
+            def on_validation_end(self, trainer, pl_module) -> None:
+                self._report(trainer)
+
+        return _Pruning()
+
+
+def sweep_callbacks(monitor: str, mode: Literal["min", "max"] = "min") -> list:
+    """Callbacks a training command adds so that sweeps can prune it: empty outside a sweep."""
+    if current_trial.get() is None:
+        return []
+    return [PruningCallback(monitor, mode)]

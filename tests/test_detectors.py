@@ -14,16 +14,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import toymodels
 from headlab.errors import HeadlabError
-from toymodels.detectors import (
-    DETECTORS,
-    attention_patterns,
-    copying_score,
-    induction_score,
-    name_mover_score,
-    null_distribution,
-    score_heads,
-    successor_score,
-)
+from roles import DETECTORS, score_heads
+from roles.null import null_distribution
+from roles.ov import copying_score, name_mover_score, successor_score
+from roles.patterns import attention_patterns, induction_score
 
 
 def _stack(*heads: torch.Tensor) -> torch.Tensor:
@@ -155,7 +149,7 @@ def test_gpt2_ov_circuit_matches_a_manual_value_slice():
     with torch.no_grad():  # layer 0: W_V = W_O = identity, so head h's slices are blocks of the identity
         model.transformer.h[0].attn.c_attn.weight[:, 64:] = eye
         model.transformer.h[0].attn.c_proj.weight.copy_(eye)
-    from toymodels.detectors import ov_circuit
+    from roles.ov import ov_circuit
 
     ov = ov_circuit(model, 0)
     assert torch.allclose(ov.w_v[1], eye[:, 8:16]) and torch.allclose(ov.w_o[2], eye[16:24])

@@ -12,13 +12,13 @@ import pandas as pd
 import pytest
 import torch
 
-from data.tasks import make_task
+from data.tasks import make_task, target_loss
 from headlab.cli import main
 from headlab.errors import HeadlabError
-from toymodels.ablation import target_loss
-from toymodels.command import DetectConfig, toy
+from roles.mapping import DetectConfig
+from toymodels.command import toy
 from toymodels.modeling import ToyTransformer
-from toymodels.seeds import match_heads, reemergence, role_vectors
+from toymodels.reemergence import match_heads, reemergence, role_vectors
 from toymodels.stacked import StackedToyModel
 from toymodels.training import ToyConfig, TrainConfig, make_optimizer
 
@@ -89,9 +89,9 @@ def test_stacked_training_equals_training_each_seed_alone():
 @pytest.mark.parametrize("fused", [True, False], ids=["cpu-fused-backward", "recomputing-backward"])
 def test_stacked_gradients_equal_each_models_gradients(monkeypatch, fused):
     """Both backward paths of the vmapped attention (the CPU kernel's, and the recomputing one used elsewhere)."""
-    import toymodels.modeling
+    import toymodels.stacked
 
-    monkeypatch.setattr(toymodels.modeling, "_fused_cpu_kernel", lambda q: fused)
+    monkeypatch.setattr(toymodels.stacked, "_fused_cpu_kernel", lambda q: fused)
     task = make_task("induction", **TINY)
     models = _models(TINY_MODEL, task, range(2))
     batches = [task.batch(4, seed) for seed in range(2)]

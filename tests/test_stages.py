@@ -13,22 +13,16 @@ from transformers import AutoModel
 
 from headlab.cli import main
 from headlab.errors import HeadlabError
-from toymodels.ablation import AblationResult
-from toymodels.command import DetectConfig
-from toymodels.detectors import DETECTORS, NullStats
+from roles import DETECTORS
+from roles.ablation import AblationResult
+from roles.batches import repeat_batch
+from roles.mapping import DetectConfig
+from roles.null import NullStats
+from roles.stages.sources import load_toy_run, map_hf_model
+from roles.stages.statistics import depth_stats, ordering_test, relative_depth
+from roles.stages.taxonomy import STAGE_ORDER, STAGES, stage_table
+from roles.table import RoleTable
 from toymodels.modeling import ToyTransformerConfig
-from toymodels.report import role_table
-from toymodels.stages import (
-    STAGE_ORDER,
-    STAGES,
-    depth_stats,
-    load_toy_run,
-    map_hf_model,
-    ordering_test,
-    relative_depth,
-    repeat_batch,
-    stage_table,
-)
 
 FAST = DetectConfig(batch_size=8, n_null=2, eval_batch_size=8)
 
@@ -95,7 +89,7 @@ def test_ordering_known_answers():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# hand-built toy run directories (role tables written by the real role_table, so the CSV format is the toy one)
+# hand-built toy run directories (role tables written by the real RoleTable, so the CSV format is the toy one)
 
 
 def _write_toy_run(run_dir, detected: dict[str, list[tuple[int, int]]], n_layers=2, n_heads=2):
@@ -107,7 +101,7 @@ def _write_toy_run(run_dir, detected: dict[str, list[tuple[int, int]]], n_layers
     null = {role: NullStats(0.1, 0.01, 20) for role in roles}
     effect = torch.zeros(n_layers, n_heads)
     ablation = AblationResult(effect, torch.full_like(effect, 0.01), 1.0)
-    table = role_table(scores, null, ablation, 3.0, 3.0)
+    table = RoleTable.build(scores, null, ablation, 3.0, 3.0).frame
     run_dir.mkdir(parents=True)
     table.to_csv(run_dir / "roles.csv", index=False)
     config = ToyTransformerConfig(
@@ -259,13 +253,14 @@ def test_glob_patterns_are_expanded(tmp_path, capsys):
 def test_hf_path_encoder_and_causal_lm(tiny_gpt2_dir, tiny_bert_dir):
     gpt2 = map_hf_model(str(tiny_gpt2_dir), FAST, length=32, seed=0)
     assert gpt2.kind == "causal_lm" and (gpt2.n_layers, gpt2.n_heads) == (2, 4)
-    assert set(gpt2.table["role"]) == {"previous_token", "duplicate_token", "induction", "attention_sink", "copying"}
-    assert len(gpt2.table) == 5 * 2 * 4 and gpt2.table["functional"].dtype == bool
+    roles = {"previous_token", "duplicate_token", "induction", "attention_sink", "copying"}
+    assert set(gpt2.table.frame["role"]) == roles
+    assert len(gpt2.table.frame) == 5 * 2 * 4 and gpt2.table.frame["functional"].dtype == bool
 
     bert = map_hf_model(str(tiny_bert_dir), FAST, length=32, seed=0)
     assert bert.kind == "encoder" and (bert.n_layers, bert.n_heads) == (2, 4)
-    assert set(bert.table["role"]) == {"previous_token", "duplicate_token", "induction", "attention_sink"}
-    assert bert.table["functional"].isna().all()
+    assert set(bert.table.frame["role"]) == {"previous_token", "duplicate_token", "induction", "attention_sink"}
+    assert bert.table.frame["functional"].isna().all()
     assert any("no ablation" in note for note in bert.notes)
     rows = bert.detected_rows(STAGES)
     assert rows["relative_depth"].isin([0.25, 0.75]).all()
@@ -343,7 +338,7 @@ def test_minilm_is_scored_as_an_encoder_without_special_tokens():
     assert not any(name.startswith("[") for name in names)
     heads = map_hf_model("minilm", FAST, length=32, seed=0)
     assert heads.kind == "encoder" and (heads.n_layers, heads.n_heads) == (6, 12)
-    assert heads.table["detected"].any()
+    assert heads.table.frame["detected"].any()
     depths = heads.detected_rows(STAGES)["relative_depth"]
     assert all(any(math.isclose(d, (layer + 0.5) / 6) for layer in range(6)) for d in depths)
 
@@ -351,8 +346,8 @@ def test_minilm_is_scored_as_an_encoder_without_special_tokens():
 def test_toy_runs_are_rethresholded_with_the_same_n_sigma(tmp_path):
     run = _write_toy_run(tmp_path / "run", SHALLOW_TO_DEEP)
     as_is = load_toy_run(run)
-    assert as_is.table["detected"].sum() == 4 and (as_is.n_layers, as_is.n_heads) == (2, 2)
-    assert load_toy_run(run, n_sigma=3.0).table["detected"].sum() == 4  # threshold 0.13 < 0.9
+    assert as_is.table.frame["detected"].sum() == 4 and (as_is.n_layers, as_is.n_heads) == (2, 2)
+    assert load_toy_run(run, n_sigma=3.0).table.frame["detected"].sum() == 4  # threshold 0.13 < 0.9
     strict = load_toy_run(run, n_sigma=100.0)  # threshold 0.1 + 100 * 0.01 = 1.1
-    assert not strict.table["detected"].any() and not strict.table["functional"].any()
-    assert strict.table["threshold"].iloc[0] == pytest.approx(1.1)
+    assert not strict.table.frame["detected"].any() and not strict.table.frame["functional"].any()
+    assert strict.table.frame["threshold"].iloc[0] == pytest.approx(1.1)

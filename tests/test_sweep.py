@@ -146,7 +146,8 @@ def test_two_workers_share_one_sqlite_study_without_duplicates(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_sweep_files_parse_with_their_command(path, tmp_path):
-    from headlab.sweep import _parse, parse_sweep, trial_config
+    from headlab.sweep import _parse
+    from headlab.sweep_spec import parse_sweep, trial_config
 
     spec = parse_sweep(yaml.safe_load(path.read_text()), str(path))
     config = trial_config(spec, {p.key: p.example() for p in spec.space}, tmp_path / "trial")
@@ -156,7 +157,7 @@ def test_shipped_sweep_files_parse_with_their_command(path, tmp_path):
 def test_pruning_callback_reports_with_the_study_direction_and_prunes_bad_runs():
     import optuna
 
-    from headlab.sweep import PruningCallback, current_trial, sweep_callbacks
+    from headlab.tracking import PruningCallback, current_trial, sweep_callbacks
 
     class Trainer:  # the few attributes the callback reads
         sanity_checking = False

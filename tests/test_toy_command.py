@@ -14,8 +14,10 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 import toymodels
 from headlab.cli import main
 from headlab.errors import HeadlabError
-from toymodels.command import DetectConfig, detect, toy
-from toymodels.report import COLUMNS
+from roles.detect import detect
+from roles.mapping import DetectConfig
+from roles.table import COLUMNS
+from toymodels.command import toy
 from toymodels.training import ToyConfig, TrainConfig
 
 TINY = {"vocab": 12, "length": 16, "min_segment": 3, "max_segment": 6}

@@ -9,15 +9,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import toymodels
+from data.tasks import sequence_loss, target_loss
 from headlab.heads import head_sites, hook_heads
 from headlab.interventions import zero_ablation
-from toymodels.ablation import (
+from roles.ablation import (
     ablation_effects,
     group_effect,
     is_functional,
     random_head_reference,
-    sequence_loss,
-    target_loss,
 )
 
 

@@ -9,16 +9,16 @@ os.environ["WANDB_MODE"] = "disabled"
 
 import json
 
-import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import toymodels  # noqa: F401  (registers the toy model)
 from data.tasks import make_task
-from toymodels.command import DetectConfig, toy
-from toymodels.detectors import score_heads
-from toymodels.report import induction_formed
+from roles.mapping import DetectConfig
+from roles.registry import score_heads
+from roles.table import RoleTable
+from toymodels.command import toy
 from toymodels.training import ToyConfig, TrainConfig
 
 SMALL_TASK = {"vocab": 16, "length": 32, "min_segment": 4, "max_segment": 12}
@@ -58,9 +58,8 @@ def _ln_vocab() -> float:
 
 
 def test_two_layer_model_forms_a_functional_induction_head_in_layer_one(two_layer):
-    roles = pd.read_csv(two_layer / "roles.csv")
     metrics = json.loads((two_layer / "metrics.json").read_text())
-    assert induction_formed(roles.assign(functional=roles["functional"].astype(bool)))
+    assert RoleTable.read(two_layer / "roles.csv").formed("induction")
     target = metrics["target"]
     assert target["layer"] == 1 and target["formed"]
     assert target["score"] > target["threshold"] > target["null_mean"]

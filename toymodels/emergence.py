@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 import lightning.pytorch as pl
 import torch
 
-from toymodels.ablation import target_accuracy, target_loss
-from toymodels.detectors import NullStats, score_heads
-
-Batch = dict[str, torch.Tensor]
+from data.tasks import Batch, target_accuracy, target_loss
+from roles.null import NullStats
+from roles.registry import score_heads
 
 
 def log_linear_schedule(max_steps: int, every: int) -> list[int]:

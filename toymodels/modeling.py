@@ -87,51 +87,10 @@ def rotate(x: torch.Tensor, base: float) -> torch.Tensor:
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
-def _fused_cpu_kernel(q: torch.Tensor) -> bool:
-    return q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
-
-
-class CausalAttention(torch.autograd.Function):
-    """Causal scaled-dot-product attention whose ``vmap`` folds the vmapped dimension into the batch.
-
-    ``F.scaled_dot_product_attention`` has no batching rule, so under ``torch.func.vmap`` (several seeds trained as
-    one stacked model, :mod:`toymodels.stacked`) PyTorch would loop over the vmapped dimension and, in the backward,
-    zero-fill a full-size gradient per slice. Here the ``n`` stacked models' ``[n, B, H, T, dh]`` become one
-    ``[n * B, H, T, dh]`` call of the fused kernel. On CPU the forward keeps the fused kernel's log-sum-exp for its
-    backward kernel; elsewhere the backward recomputes the forward. Returns ``(z, logsumexp or None)``.
-    """
-
-    @staticmethod
-    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if _fused_cpu_kernel(q):
-            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True), q.new_zeros(0)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(*inputs, *output)
-        ctx.mark_non_differentiable(output[1])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor, _grad_lse: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        q, k, v, out, logsumexp = ctx.saved_tensors
-        if logsumexp.numel():
-            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                grad.contiguous(), q, k, v, out, logsumexp, 0.0, True
-            )
-        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-        with torch.enable_grad():
-            recomputed = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return torch.autograd.grad(recomputed, (q, k, v), grad)
-
-    @staticmethod
-    def vmap(info, in_dims, q, k, v) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[int, int | None]]:
-        n = info.batch_size
-        stacked = [t.movedim(d, 0) if d is not None else t.expand(n, *t.shape) for t, d in zip((q, k, v), in_dims)]
-        out, logsumexp = CausalAttention.apply(*(t.reshape(-1, *t.shape[2:]) for t in stacked))
-        if not logsumexp.numel():
-            return (out.view(n, -1, *out.shape[1:]), logsumexp), (0, None)
-        return (out.view(n, -1, *out.shape[1:]), logsumexp.view(n, -1, *logsumexp.shape[1:])), (0, 0)
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal softmax attention ``softmax(q k^T / sqrt(d_head) + mask) v`` with the fused kernel:
+    ``[B, H, T, dh]`` each -> ``[B, H, T, dh]``."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 class ToyAttention(nn.Module):
@@ -148,8 +107,8 @@ class ToyAttention(nn.Module):
         self.positional, self.rope_base = config.positional, config.rope_base
         # Set by toymodels.ablation.freeze_patterns: [batch, heads, seq, seq] patterns to use instead of softmax.
         self.pattern_override: torch.Tensor | None = None
-        # Set by toymodels.stacked on the template of a stacked model: attention that vmaps without a Python loop.
-        self.fold_vmap = False
+        # The attention kernel where no pattern is needed; toymodels.stacked swaps in one that vmaps without a loop.
+        self.attention_kernel = causal_attention
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H*dh] -> [B, H, T, dh]
         return x.view(*x.shape[:2], self.n_heads, self.d_head).transpose(1, 2)
@@ -171,10 +130,7 @@ class ToyAttention(nn.Module):
             z = pattern @ v  # [B, H, T, dh]
         else:
             pattern = None
-            if self.fold_vmap:
-                z = CausalAttention.apply(q, k, v)[0]
-            else:
-                z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            z = self.attention_kernel(q, k, v)  # [B, H, T, dh]
         z = z.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)  # [B, T, H*dh]: the hook point's input
         return self.out_proj(z), pattern
 

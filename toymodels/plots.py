@@ -1,4 +1,5 @@
-"""Pictures of a toy run: head scores over training, the loss with its phase change, the layer x head role map."""
+"""Pictures of a toy run: head scores over training and the loss with its phase change (the role map is
+:func:`roles.plots.plot_role_map`)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from headlab.runs import save_figure
 from toymodels.emergence import Snapshot
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
 
 
 def plot_scores_over_steps(history: list[Snapshot], thresholds: dict[str, float], path: Path) -> Path:
@@ -42,7 +37,7 @@ def plot_scores_over_steps(history: list[Snapshot], thresholds: dict[str, float]
     axes.flat[0].legend(fontsize=6, ncol=2)
     fig.suptitle("detector score per head over training")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_loss(
@@ -58,25 +53,4 @@ def plot_loss(
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy")
     ax.legend()
-    return _save(fig, path)
-
-
-def plot_role_map(table: pd.DataFrame, roles: dict[tuple[int, int], str], path: Path, title: str = "") -> Path:
-    """Layer x head grid; each functional head is coloured and labelled with its role and score."""
-    n_layers, n_heads = int(table["layer"].max()) + 1, int(table["head"].max()) + 1
-    names = sorted(set(table["role"]))
-    grid = np.full((n_layers, n_heads), np.nan)
-    for (layer, head), role in roles.items():
-        grid[layer, head] = names.index(role)
-    fig, ax = plt.subplots(figsize=(max(4, 0.9 * n_heads + 2), max(2.5, 0.7 * n_layers + 1.5)))
-    cmap = plt.get_cmap("tab10", max(len(names), 1))
-    ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-0.5, vmax=len(names) - 0.5, aspect="auto")
-    for (layer, head), role in roles.items():
-        row = table[(table["layer"] == layer) & (table["head"] == head) & (table["role"] == role)].iloc[0]
-        ax.text(head, layer, f"{role}\n{row['score']:.2f}", ha="center", va="center", fontsize=7)
-    ax.set_xticks(range(n_heads))
-    ax.set_yticks(range(n_layers))
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_title(title or "functional heads (detected and causally validated)")
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -4,7 +4,7 @@
 a single ``toy --seed s`` run) have their parameters stacked on a leading seed dimension (``torch.func``'s
 ``stack_module_state``). The forward is ``vmap(functional_call(template, params_s, input_ids_s))`` over that
 dimension, so the model code is the one :class:`ToyTransformer`; the attention folds the seed dimension into its
-batch (:class:`~toymodels.modeling.CausalAttention`). The loss is the *sum* of the per-seed losses, so each seed's
+batch (:class:`CausalAttention`). The loss is the *sum* of the per-seed losses, so each seed's
 slice of every stacked parameter receives exactly its own gradient, and AdamW (element-wise) updates each slice
 exactly as it would update that seed alone: the stacked run is the ``n`` single runs up to floating-point
 reassociation (``tests/test_seeds.py`` checks it).
@@ -21,15 +21,67 @@ from collections.abc import Iterator, Sequence
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from torch.utils.data import DataLoader, IterableDataset
 
-from data.tasks import Batch, Task
-from toymodels.ablation import target_accuracy, target_loss
+from data.tasks import Batch, Task, target_accuracy, target_loss
 from toymodels.emergence import EmergenceTracker
 from toymodels.modeling import ToyTransformer
 from toymodels.training import TrainConfig, make_optimizer
+
+
+def _fused_cpu_kernel(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+class CausalAttention(torch.autograd.Function):
+    """Causal scaled-dot-product attention whose ``vmap`` folds the vmapped dimension into the batch.
+
+    ``F.scaled_dot_product_attention`` has no batching rule, so under ``torch.func.vmap`` (several seeds trained as
+    one stacked model, :mod:`toymodels.stacked`) PyTorch would loop over the vmapped dimension and, in the backward,
+    zero-fill a full-size gradient per slice. Here the ``n`` stacked models' ``[n, B, H, T, dh]`` become one
+    ``[n * B, H, T, dh]`` call of the fused kernel. On CPU the forward keeps the fused kernel's log-sum-exp for its
+    backward kernel; elsewhere the backward recomputes the forward. Returns ``(z, logsumexp or None)``.
+    """
+
+    @staticmethod
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if _fused_cpu_kernel(q):
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True), q.new_zeros(0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs, *output)
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _grad_lse: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q, k, v, out, logsumexp = ctx.saved_tensors
+        if logsumexp.numel():
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad.contiguous(), q, k, v, out, logsumexp, 0.0, True
+            )
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        with torch.enable_grad():
+            recomputed = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return torch.autograd.grad(recomputed, (q, k, v), grad)
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[int, int | None]]:
+        n = info.batch_size
+        stacked = [t.movedim(d, 0) if d is not None else t.expand(n, *t.shape) for t, d in zip((q, k, v), in_dims)]
+        out, logsumexp = CausalAttention.apply(*(t.reshape(-1, *t.shape[2:]) for t in stacked))
+        if not logsumexp.numel():
+            return (out.view(n, -1, *out.shape[1:]), logsumexp), (0, None)
+        return (out.view(n, -1, *out.shape[1:]), logsumexp.view(n, -1, *logsumexp.shape[1:])), (0, 0)
+
+
+def vmappable_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """:func:`toymodels.modeling.causal_attention` for a stacked model's template (see :class:`CausalAttention`)."""
+    return CausalAttention.apply(q, k, v)[0]
 
 
 def _key(name: str) -> str:  # ParameterDict keys cannot contain dots
@@ -46,7 +98,7 @@ class StackedToyModel(nn.Module):
         self.n = len(models)
         template = copy.deepcopy(models[0]).to("meta")  # structure only; its weights come from the stack
         for attention in template.attention_modules():
-            attention.fold_vmap = True
+            attention.attention_kernel = vmappable_causal_attention
         object.__setattr__(self, "template", template)  # not a submodule: its meta parameters are not trained
         params, buffers = stack_module_state(list(models))
         if buffers:  # they would have to be stacked and moved with the module too; the toy model has none

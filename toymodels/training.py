@@ -1,7 +1,8 @@
 """Training a toy transformer on a task: the config groups, the data module and the Lightning module.
 
 The LightningModule says what to optimise (cross-entropy on the task's target positions only), the DataModule
-where batches come from (the task's seeded infinite stream), the Trainer how to run (see ``toymodels.command``).
+where batches come from (the task's seeded infinite stream), the Trainer how to run
+(:func:`toymodels.run.make_trainer`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from data.tasks import Batch, Task
-from toymodels.ablation import target_accuracy, target_loss
+from data.tasks import Batch, Task, target_accuracy, target_loss
 from toymodels.modeling import ToyTransformer, ToyTransformerConfig
 
 

@@ -26,6 +26,7 @@ from data.tasks.icl import ICLTask
 from data.tasks.induction import InductionTask
 from data.tasks.ioi import IOITask
 from data.tasks.iteration import IterationTask
+from data.tasks.metrics import sequence_loss, target_accuracy, target_loss
 from data.tasks.modular import ModularAdditionTask
 from data.tasks.recall import RecallTask
 from data.tasks.successor import SuccessorTask
@@ -69,4 +70,7 @@ __all__ = [
     "SuccessorTask",
     "Task",
     "make_task",
+    "sequence_loss",
+    "target_accuracy",
+    "target_loss",
 ]

@@ -24,25 +24,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from data.tasks import Batch, sequence_loss
 from headlab.errors import HeadlabError
 from headlab.heads import HeadFn, head_sites, hook_heads
 from headlab.interventions import compose, mean_ablation, replace_heads, zero_ablation
 
 AblationKind = Literal["zero", "mean", "resample"]
-Batch = dict[str, torch.Tensor]
-
-
-def target_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over positions whose target is not -100; ``logits`` ``[B, T, V]``, ``targets`` ``[B, T]``."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
-
-
-def target_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    keep = targets != -100
-    return (logits.argmax(-1)[keep] == targets[keep]).float().mean()
 
 
 def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -98,13 +87,6 @@ class AblationResult:
     effect: torch.Tensor
     stderr: torch.Tensor
     clean_loss: float
-
-
-def sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy averaged over each sequence's target positions: ``[batch]``."""
-    per_token = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=-100, reduction="none")
-    counts = (targets != -100).sum(1).clamp_min(1)
-    return per_token.sum(1) / counts
 
 
 @torch.no_grad()
