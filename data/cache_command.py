@@ -23,10 +23,10 @@ from data.capture import HeadCapture, Positions
 from data.datasets import DatasetConfig, LabelledDataset, load_dataset
 from data.labels import LabelKind
 from data.manifest import CacheSpec, cache_key
-from headlab.errors import HeadlabError
+from headlab.errors import HeadlabError, at_least, require
 from headlab.models import DType, LoadedModel, context_length, load_model, weights_fingerprint
 from headlab.progress import progress
-from headlab.runs import save_config
+from headlab.runs import run_directory, save_config
 
 log = logging.getLogger("headlab")
 
@@ -159,8 +159,10 @@ def cache(
         shard_mb: target size of one shard in MiB (bounds memory while writing).
     """
     arguments = dict(locals())  # the resolved config, saved in the cache directory
-    if batch_size < 1:
-        raise HeadlabError(f"batch_size must be at least 1, got {batch_size}")
+    at_least("batch_size", batch_size, 1)
+    at_least("max_length", max_length, 1, optional=True)
+    require(shard_mb > 0, f"--shard_mb {shard_mb} must be positive")
+    require(layers is None or len(layers) > 0, "--layers [] selects no layer; pass layer indices or leave it unset")
     start_time = time.perf_counter()
     config = DatasetConfig(dataset, text_field, label_field, mark_field, group_field, label_kind, split, limit)
     data = load_dataset(config)
@@ -176,19 +178,20 @@ def cache(
     spec = describe(loaded, capture, data, config, dtype, model_dtype, effective_max)
     if out is None:
         out = Path("runs/cache") / f"{_slug(model)}-{_slug(dataset)}-{positions}-{cache_key(spec.identity())[:10]}"
-    writer = CacheWriter(out, spec.identity(), spec.header())
-    save_config(out, {**arguments, "out": out})
-    if writer.complete:
-        print(f"reused complete cache {out}: {_describe(HeadCache.open(out))}")
-        return Path(out)
-    start = writer.examples_done
-    row_bytes = len(capture.layers) * capture.n_heads * capture.d_head * (2 if dtype == "float16" else 4)
-    write_shards(capture, data, writer, max(1, int(shard_mb * 2**20 / row_bytes)), batch_size)
-    if capture.truncated:
-        log.warning("%d examples were longer than %d tokens and were truncated to their first %d",
-                    capture.truncated, effective_max, effective_max)
-    extra = {"group": data.groups} if data.groups is not None else None
-    result = writer.finish(data.labels, extra, truncated_examples=capture.truncated)
+    with run_directory(out, "cache"):
+        writer = CacheWriter(out, spec.identity(), spec.header())
+        save_config(out, {**arguments, "out": out})
+        if writer.complete:
+            print(f"reused complete cache {out}: {_describe(HeadCache.open(out))}")
+            return Path(out)
+        start = writer.examples_done
+        row_bytes = len(capture.layers) * capture.n_heads * capture.d_head * (2 if dtype == "float16" else 4)
+        write_shards(capture, data, writer, max(1, int(shard_mb * 2**20 / row_bytes)), batch_size)
+        if capture.truncated:
+            log.warning("%d examples were longer than %d tokens and were truncated to their first %d",
+                        capture.truncated, effective_max, effective_max)
+        extra = {"group": data.groups} if data.groups is not None else None
+        result = writer.finish(data.labels, extra, truncated_examples=capture.truncated)
     seconds = time.perf_counter() - start_time
     print(f"cached {_describe(result)} in {seconds:.1f} s ({(len(data) - start) / seconds:.1f} examples/s) -> {out}")
     return Path(out)

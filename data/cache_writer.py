@@ -17,7 +17,7 @@ import numpy as np
 from data.cache import FORMAT_VERSION, MANIFEST, HeadCache, read_manifest, sha256_of_array
 from data.manifest import cache_key
 from headlab.errors import HeadlabError
-from headlab.runs import atomic_write, atomic_write_json
+from headlab.runs import LOCK_NAME, RUN_MARKER, atomic_write, atomic_write_json
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -44,7 +44,8 @@ class CacheWriter:
                 f"dataset {existing['dataset'].get('spec')!r}, positions {existing.get('positions')!r}); "
                 "choose another --out or delete that directory"
             )
-        if existing is None and self.path.exists() and any(p.name != "config.yaml" for p in self.path.iterdir()):
+        ours = {"config.yaml", RUN_MARKER, LOCK_NAME}
+        if existing is None and self.path.exists() and any(p.name not in ours for p in self.path.iterdir()):
             raise HeadlabError(f"{self.path} exists and is not a head cache; choose an empty or new --out directory")
         if existing is not None:
             self.manifest = existing

@@ -85,7 +85,14 @@ def usage() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; bad input ends with one ``error:`` line on stderr and exit code 2.
+
+    ``--debug`` (anywhere on the command line) or ``HEADLAB_DEBUG=1`` shows the full traceback instead. An
+    unexpected exception (a bug, not bad input) is reported on one line with exit code 1.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("HEADLAB_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in {"-h", "--help", "help"}:
         print(usage())
         return 0
@@ -98,15 +105,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     quiet_libraries()
     try:
-        fn, kwargs = parse_command(command, rest)
+        fn, kwargs = parse_command(command, rest, exit_on_error=False)
         fn(**kwargs)
-    except HeadlabError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted: completed work is on disk; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as error:
+        if debug:
+            raise
+        code, message = describe_error(error, command)
+        print(f"error: {message}", file=sys.stderr)
+        return code
     return 0
+
+
+def describe_error(error: BaseException, command: str) -> tuple[int, str]:
+    """``(exit code, one-line message)`` for an exception that ended ``command``."""
+    import argparse
+
+    text = " ".join(str(error).split())
+    if isinstance(error, HeadlabError):
+        return 2, text
+    if isinstance(error, argparse.ArgumentError) or type(error).__module__.startswith("jsonargparse"):
+        return 2, f"{text}; see python train.py {command} --help"
+    if isinstance(error, OSError) and error.filename is not None:
+        return 2, f"cannot use {error.filename}: {error.strerror or text}; check the path and its permissions"
+    return 1, (f"unexpected {type(error).__name__}: {text[:300]} (a bug in headlab: rerun with --debug for the "
+               "traceback and report it)")
 
 
 def run() -> None:

@@ -21,7 +21,7 @@ import yaml
 
 from data.cache import HeadCache
 from data.cache_command import cache
-from headlab.runs import atomic_write_text, save_config
+from headlab.runs import atomic_write_text, run_directory, save_config
 from headlab.tracking import LoggerKind
 
 log = logging.getLogger("headlab")
@@ -43,47 +43,47 @@ def demo(out: Path = Path("runs/demo"), dataset: str = "sentiment", device: str 
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo only uses models on this machine
     start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(out, {"out": str(out), "dataset": dataset, "device": device, "logger": logger})
-    _banner(f"1. cache every head of all-MiniLM-L6-v2 over the built-in '{dataset}' set")
-    positions = "marked" if dataset == "ioi" else "mean"
-    cache_dir = cache(model="minilm", dataset=dataset, out=out / "cache", positions=positions, device=device)
-    c = HeadCache.open(cache_dir)
-    counts = {str(k): int(v) for k, v in c.labels.iloc[:, 0].value_counts().items()}
-    print(f"cache: {cache_dir}\n  activations {c.activations.shape} {c.activations.dtype} "
-          f"[rows, layers, heads, d_head]; labels {counts}")
-    _banner("2. probe every (layer, head) of that cache")
-    from probes import probe
+    with run_directory(out, "demo"):
+        save_config(out, {"out": str(out), "dataset": dataset, "device": device, "logger": logger})
+        _banner(f"1. cache every head of all-MiniLM-L6-v2 over the built-in '{dataset}' set")
+        positions = "marked" if dataset == "ioi" else "mean"
+        cache_dir = cache(model="minilm", dataset=dataset, out=out / "cache", positions=positions, device=device)
+        c = HeadCache.open(cache_dir)
+        counts = {str(k): int(v) for k, v in c.labels.iloc[:, 0].value_counts().items()}
+        print(f"cache: {cache_dir}\n  activations {c.activations.shape} {c.activations.dtype} "
+              f"[rows, layers, heads, d_head]; labels {counts}")
+        _banner("2. probe every (layer, head) of that cache")
+        from probes import probe
 
-    probe_dir = probe(cache_dir, out=out / "probe", logger=logger)
+        probe_dir = probe(cache_dir, out=out / "probe", logger=logger)
 
-    _banner("3. train a toy transformer on the induction task (2 seeds), map its heads, compare the seeds")
-    from toymodels.command import toy
+        _banner("3. train a toy transformer on the induction task (2 seeds), map its heads, compare the seeds")
+        from toymodels.command import toy
 
-    toy_dir = toy(task="induction", out=out / "toy", logger=logger, seeds=2)
+        toy_dir = toy(task="induction", out=out / "toy", logger=logger, seeds=2)
 
-    _banner("4. toy vs real: heads by the survey's four stages and relative depth")
-    from roles.stages.command import stages
+        _banner("4. toy vs real: heads by the survey's four stages and relative depth")
+        from roles.stages.command import stages
 
-    stages_dir = stages(toy_runs=[str(toy_dir)], models=["minilm"], out=out / "stages")
+        stages_dir = stages(toy_runs=[str(toy_dir)], models=["minilm"], out=out / "stages")
 
-    _banner("5. sweep the probe's L2 strength (Optuna, 4 trials)")
-    from headlab.sweep import sweep
+        _banner("5. sweep the probe's L2 strength (Optuna, 4 trials)")
+        from headlab.sweep import sweep
 
-    sweep_file = out / "sweep.yaml"
-    atomic_write_text(sweep_file, yaml.safe_dump({
-        "command": "probe", "base": {"cache": str(cache_dir), "logger": "none"},
-        "space": {"probe.l2": {"low": 1e-4, "high": 1.0, "log": True}},
-        "objective": {"metric": "max_accuracy", "direction": "maximize"}, "sampler": "random", "trials": 4,
-    }))
-    sweep_dir = sweep(sweep_file, out=out / "sweep")
+        sweep_file = out / "sweep.yaml"
+        atomic_write_text(sweep_file, yaml.safe_dump({
+            "command": "probe", "base": {"cache": str(cache_dir), "logger": "none"},
+            "space": {"probe.l2": {"low": 1e-4, "high": 1.0, "log": True}},
+            "objective": {"metric": "max_accuracy", "direction": "maximize"}, "sampler": "random", "trials": 4,
+        }))
+        sweep_dir = sweep(sweep_file, out=out / "sweep")
 
-    print("\nresults:")
-    print(f"  head cache         {cache_dir}")
-    print(f"  probe heatmap      {probe_dir / 'heatmap.png'}  (per-head table: {probe_dir / 'heads.csv'})")
-    print(f"  toy role maps      {toy_dir}/seed-*/roles.csv  (plots and model/ beside each)")
-    print(f"  re-emergence       {toy_dir / 'reemergence.md'}  (matched heads: {toy_dir / 'slots.csv'})")
-    print(f"  stage map          {stages_dir / 'stage_map.png'}  (per stage: {stages_dir / 'stage_depths.csv'})")
-    print(f"  sweep              {sweep_dir / 'trials.csv'}, best config {sweep_dir / 'best.yaml'}")
+        print("\nresults:")
+        print(f"  head cache         {cache_dir}")
+        print(f"  probe heatmap      {probe_dir / 'heatmap.png'}  (per-head table: {probe_dir / 'heads.csv'})")
+        print(f"  toy role maps      {toy_dir}/seed-*/roles.csv  (plots and model/ beside each)")
+        print(f"  re-emergence       {toy_dir / 'reemergence.md'}  (matched heads: {toy_dir / 'slots.csv'})")
+        print(f"  stage map          {stages_dir / 'stage_map.png'}  (per stage: {stages_dir / 'stage_depths.csv'})")
+        print(f"  sweep              {sweep_dir / 'trials.csv'}, best config {sweep_dir / 'best.yaml'}")
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; everything is under {out}")
     return out

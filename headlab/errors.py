@@ -7,3 +7,17 @@ class HeadlabError(Exception):
     Messages name the bad value and the fix, on one line, e.g.
     ``dataset file 'x.jsonl' has no field 'label'; pass --label_field with one of: text, answer``.
     """
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise :class:`HeadlabError` with ``message`` unless ``condition`` holds (config and input checks)."""
+    if not condition:
+        raise HeadlabError(message)
+
+
+def at_least(option: str, value: float | None, minimum: float, *, optional: bool = False) -> None:
+    """``--option`` must be at least ``minimum`` (or unset, with ``optional``): a one-line error naming both."""
+    if value is None and optional:
+        return
+    require(value is not None and value >= minimum,
+            f"--{option} {value} is out of range: it must be at least {minimum}")

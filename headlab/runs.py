@@ -7,12 +7,15 @@ so a killed run never leaves a half-written file under a final name.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import json
 import os
+import re
+import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -142,3 +145,102 @@ def find_runs(paths: Sequence[str | Path], marker: str, what: str) -> list[Path]
                                    f"written by `{what}`")
             runs.extend(sorted(seeds, key=seed_number))
     return runs
+
+
+RUN_MARKER = ".headlab-run.json"
+LOCK_NAME = ".headlab.lock"
+_TEMP_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # the names atomic_write gives its temporary files
+
+
+@contextlib.contextmanager
+def run_directory(out: str | Path, command: str, *, accepts: Sequence[str] = (),
+                  exclusive: bool = True) -> Iterator[Path]:
+    """Claim ``out`` for one run of ``command`` for the duration of the block.
+
+    - The path is checked first: one that is a file, lies under a file, or cannot be written is a one-line error,
+      before anything is written.
+    - A directory holding the run of another command (its ``RUN_MARKER``, or a ``config.yaml`` without one) is
+      refused, unless that command is in ``accepts``: a run never overwrites another run's files.
+    - With ``exclusive`` (every command but a sweep, whose workers share one folder by design) the directory is
+      locked (``flock`` on ``.headlab.lock``) until the block ends; a second run into it fails at once. The lock
+      dies with its process, so a killed run never leaves a stale lock.
+    - Holding the lock, the temporary files a killed run left behind are removed.
+    - A directory this call created is removed again when the block ends in a :class:`HeadlabError` before any
+      output was written (bad input found after the claim); results written so far, and an interrupted run's
+      work, are kept.
+    """
+    out = Path(out)
+    _check_writable(out)
+    marker = out / RUN_MARKER
+    owner = _run_owner(out)
+    if owner is not None and owner != command and owner not in accepts:
+        raise HeadlabError(
+            f"--out {out} holds a `{owner}` run; a `{command}` run would overwrite its files: choose another --out"
+        )
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    handle = None
+    try:
+        if exclusive:
+            handle = _lock(out)
+            _remove_stale_temp_files(out)
+        if owner is None:
+            atomic_write_json(marker, {"command": command})
+        yield out
+    except HeadlabError:
+        bookkeeping = {RUN_MARKER, LOCK_NAME, CONFIG_NAME}
+        if created and all(p.name in bookkeeping for p in out.iterdir()):  # bad input found before any output
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def _check_writable(out: Path) -> None:
+    for parent in [out, *out.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                what = "is a file" if parent == out else f"lies under the file {parent}"
+                raise HeadlabError(f"--out {out} {what}; pass a directory path")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise HeadlabError(f"--out {out}: {parent} is not writable; choose a folder you can write to")
+            return
+
+
+def _run_owner(out: Path) -> str | None:
+    """The command whose run ``out`` holds: from its marker, or ``unknown`` for a config.yaml without one."""
+    marker = out / RUN_MARKER
+    if marker.exists():
+        try:
+            return str(json.loads(marker.read_text())["command"])
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            return "unknown"
+    if (out / CONFIG_NAME).exists():
+        return "unknown"
+    return None
+
+
+def _lock(out: Path):
+    import fcntl
+
+    handle = open(out / LOCK_NAME, "a")  # noqa: SIM115 (held open for the whole run)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as error:
+        handle.close()
+        raise HeadlabError(
+            f"another headlab run is writing to {out}; wait for it to finish or choose another --out"
+        ) from error
+    return handle
+
+
+def _remove_stale_temp_files(out: Path) -> None:
+    """Temporary files of :func:`atomic_write` that a killed run left (we hold the lock, so none is in use).
+    Nested runs (their own marker) and W&B's folder are left alone."""
+    for root, dirs, files in os.walk(out):
+        root_path = Path(root)
+        dirs[:] = [d for d in dirs if d != "wandb" and not (root_path / d / RUN_MARKER).exists()]
+        for name in files:
+            if _TEMP_FILE.match(name):
+                (root_path / name).unlink(missing_ok=True)

@@ -16,7 +16,9 @@ import contextlib
 import logging
 import math
 import os
+import socket
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from typing import Any
 import yaml
 
 from headlab.errors import HeadlabError
-from headlab.runs import atomic_write_text, load_config, save_config, save_figure, to_plain
+from headlab.runs import atomic_write_text, run_directory, save_config, save_figure, to_plain
 from headlab.sweep_spec import SweepSpec, parse_sweep, read_metric, read_sweep_file, trial_config
 from headlab.tracking import current_trial
 
@@ -32,7 +34,8 @@ log = logging.getLogger("headlab")
 
 
 def _parse(command: str, config: dict[str, Any], where: Path):
-    """Parse ``config`` with the command's own parser; unknown keys or bad values become a one-line error."""
+    """Parse ``config`` (written to the file ``where``, removed afterwards) with the command's own parser; unknown
+    keys or bad values become a one-line error."""
     from headlab.cli import parse_command
 
     save_config(where.parent, config, name=where.name)
@@ -43,6 +46,8 @@ def _parse(command: str, config: dict[str, Any], where: Path):
     except Exception as error:  # jsonargparse raises ArgumentError / ParserError subclasses
         message = " ".join(str(error).split())
         raise HeadlabError(f"the sweep's config for `{command}` does not parse: {message}") from error
+    finally:
+        where.unlink(missing_ok=True)
 
 
 def _retrying(make, attempts: int = 5):
@@ -100,6 +105,10 @@ def _trial_env(group: str) -> Iterator[None]:
             os.environ["WANDB_RUN_GROUP"] = previous
 
 
+class TrialFailed(HeadlabError):
+    """A trial's command failed; its one-line error is the message, its traceback is in the trial's log."""
+
+
 def sweep(
     config: Path,
     out: Path = Path("runs/sweep"),
@@ -108,6 +117,13 @@ def sweep(
     study_name: str | None = None,
 ) -> Path:
     """Search hyperparameters of a headlab command with Optuna (resumable; many workers can share a study).
+
+    A sweep file runs code, like a Python script: its ``command`` may name any importable
+    ``package.module:function``, which the sweep imports and calls. Run only sweep files you trust.
+
+    A failed trial prints its command's one-line error and keeps the traceback in ``OUT/trials/NNNN.log``; a sweep
+    in which no trial completed ends with an error. Re-running a sweep continues it: a trial left running by a
+    killed worker on this machine is marked failed and retried with the same parameters.
 
     Args:
         config: the sweep file (headlab format or a W&B sweep YAML).
@@ -123,54 +139,108 @@ def sweep(
     total = trials if trials is not None else spec.trials
     if total < 1:
         raise HeadlabError(f"--trials must be at least 1, got {total}")
-    out.mkdir(parents=True, exist_ok=True)
-    # Fail before any trial: every key must parse with the command's own parser.
-    check = out / f".check-config-{os.getpid()}.yaml"  # one per worker: many may start at once
+    with run_directory(out, "sweep", exclusive=False):  # workers share the folder; each trial has its own
+        # Fail before any trial: every key must parse with the command's own parser.
+        check = out / f".check-config-{os.getpid()}.yaml"  # one per worker: many may start at once
+        try:
+            _parse(spec.command, trial_config(spec, {p.key: p.example() for p in spec.space},
+                                              out / "trials" / "check"), check)
+        finally:
+            check.unlink(missing_ok=True)
+        name = study_name or Path(config).stem
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial prints its own line
+        study_storage = _storage(storage, out)
+        study = _retrying(lambda: optuna.create_study(
+            study_name=name, storage=study_storage, sampler=_sampler(spec), direction=spec.direction,
+            load_if_exists=True, pruner=optuna.pruners.MedianPruner(n_startup_trials=2) if spec.prune else None))
+        atomic_write_text(out / "sweep.yaml", yaml.safe_dump(to_plain(raw), sort_keys=False))
+        _retry_dead_trials(study, study_storage, name)
+        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                    optuna.trial.TrialState.RUNNING)
+        remaining = total - len(study.get_trials(deepcopy=False, states=finished))
+        if remaining > 0:
+            study.optimize(_objective(spec, out, name), n_trials=remaining, catch=(HeadlabError,),
+                           callbacks=[optuna.study.MaxTrialsCallback(total, states=finished)])
+        write_summary(study, spec, out)
+    return out
+
+
+def _worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
     try:
-        _parse(spec.command, trial_config(spec, {p.key: p.example() for p in spec.space}, out / "trials" / "check"),
-               check)
-    finally:
-        check.unlink(missing_ok=True)
-    name = study_name or Path(config).stem
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study_storage = _storage(storage, out)
-    study = _retrying(lambda: optuna.create_study(
-        study_name=name, storage=study_storage, sampler=_sampler(spec), direction=spec.direction, load_if_exists=True,
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=2) if spec.prune else None))
-    atomic_write_text(out / "sweep.yaml", yaml.safe_dump(to_plain(raw), sort_keys=False))
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _retry_dead_trials(study, storage, name: str) -> None:
+    """Fail the RUNNING trials whose worker was a process of this machine that no longer exists (a killed sweep),
+    and queue a retry of each with the same parameters. Other machines' dead workers are caught by the heartbeat."""
+    import optuna
+
+    host = socket.gethostname()
+    study_id = storage.get_study_id_from_name(name)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if worker_host != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        storage.set_trial_user_attr(trial_id, "error", "its worker was killed; retried")
+        storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(trial.params, skip_if_exists=False)
+        print(f"sweep: trial {trial.number} was left running by a killed worker (pid {pid}); retrying its "
+              "parameters", flush=True)
+
+
+def _objective(spec: SweepSpec, out: Path, group: str):
+    """Optuna's objective: run the command on the trial's config and read the metric from its run directory."""
+    import optuna
+
+    from headlab.tracking import finish_wandb
 
     def objective(trial) -> float:
+        trial.set_user_attr("worker", _worker())
         params = {p.key: p.suggest(trial) for p in spec.space}
         run_dir = out / "trials" / f"{trial.number:04d}"
+        log_path = out / "trials" / f"{trial.number:04d}.log"
         trial.set_user_attr("run_dir", str(run_dir))
-        fn, kwargs = _parse(spec.command, trial_config(spec, params, run_dir), run_dir / "config.yaml")
         token = current_trial.set(trial)
         started = time.perf_counter()
         try:
-            with _trial_env(name):
+            config = trial_config(spec, params, run_dir)
+            trial.set_user_attr("config", to_plain(config))  # best.yaml is built from it
+            fn, kwargs = _parse(spec.command, config, out / "trials" / f".{trial.number:04d}.config.yaml")
+            with _trial_env(group):
                 fn(**kwargs)
+            if run_dir.is_dir() and not (run_dir / "config.yaml").exists():  # a user function's run directory
+                save_config(run_dir, config)
             value = read_metric(run_dir, spec.metric)
-        except HeadlabError as error:
-            trial.set_user_attr("error", str(error))
-            log.warning("trial %d failed: %s", trial.number, error)
+        except optuna.TrialPruned:
             raise
+        except Exception as error:
+            from headlab.cli import describe_error
+
+            _, message = describe_error(error, spec.command)
+            atomic_write_text(log_path, f"trial {trial.number} {params}\nerror: {message}\n\n"
+                                        + "".join(traceback.format_exception(error)))
+            trial.set_user_attr("error", message)
+            trial.set_user_attr("log", str(log_path))
+            print(f"sweep: trial {trial.number} failed: error: {message} (log: {log_path})", flush=True)
+            raise TrialFailed(message) from error
         finally:
             current_trial.reset(token)
             trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
-            from headlab.tracking import finish_wandb
-
             finish_wandb()
         log.info("trial %d: %s=%.4g %s", trial.number, spec.metric, value, params)
         return value
 
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL,
-              optuna.trial.TrialState.RUNNING)
-    remaining = total - len(study.get_trials(deepcopy=False, states=states))
-    if remaining > 0:
-        study.optimize(objective, n_trials=remaining, catch=(HeadlabError,),
-                       callbacks=[optuna.study.MaxTrialsCallback(total, states=states)])
-    write_summary(study, spec, out)
-    return out
+    return objective
 
 
 def write_summary(study, spec: SweepSpec, out: Path) -> None:
@@ -186,10 +256,12 @@ def write_summary(study, spec: SweepSpec, out: Path) -> None:
     atomic_write_text(out / "trials.csv", table.to_csv(index=False))
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if not complete:
-        log.warning("no trial completed; see %s", out / "trials.csv")
-        return
+        failed = [t for t in study.get_trials(deepcopy=False) if t.state.name == "FAIL" and "log" in t.user_attrs]
+        first = (f"; the first failure (trial {failed[0].number}): {failed[0].user_attrs.get('error')} "
+                 f"(log: {failed[0].user_attrs['log']})") if failed else ""
+        raise HeadlabError(f"no trial of the sweep completed (see {out / 'trials.csv'}){first}")
     best = study.best_trial
-    best_config = load_config(Path(best.user_attrs["run_dir"]) / "config.yaml")
+    best_config = dict(best.user_attrs["config"])
     best_config["out"] = str(out / "best-run")
     header = (f"# best of {len(complete)} trials of {out}: {spec.metric}={best.value:.6g} (trial {best.number})\n"
               f"# python train.py {spec.command} --config {out / 'best.yaml'}\n")

@@ -132,8 +132,17 @@ def parse_sweep(raw: dict[str, Any], path: str = "sweep file") -> SweepSpec:
     sampler = raw.get("sampler", "tpe")
     if sampler not in ("tpe", "random", "grid"):
         raise HeadlabError(f"{path}: sampler must be tpe, random or grid, got {sampler!r}")
+    numbers = {}
+    for key, default in (("trials", 10), ("seed", 0)):
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise HeadlabError(f"{path}: `{key}: {value}` must be a whole number")
+        numbers[key] = value
+    prune = raw.get("prune", True)
+    if not isinstance(prune, bool):
+        raise HeadlabError(f"{path}: `prune: {prune}` must be true or false")
     return SweepSpec(command, base, [_param(k, v) for k, v in space.items()], objective["metric"], direction,
-                     sampler, int(raw.get("trials", 10)), int(raw.get("seed", 0)), bool(raw.get("prune", True)))
+                     sampler, numbers["trials"], numbers["seed"], prune)
 
 
 _WANDB_METHODS = {"grid": "grid", "random": "random", "bayes": "tpe"}

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 
 from data import HeadCache
-from headlab.errors import HeadlabError
-from headlab.runs import save_config
+from headlab.errors import HeadlabError, at_least
+from headlab.runs import run_directory, save_config
 from headlab.tracking import LoggerKind, finish, make_logger
 from probes.config import ControlConfig, ProbeConfig, ReportConfig, SplitConfig, SteerConfig
 from probes.data import HeadMajor, ProbeProblem, build_problem, no_hugepage_advice
@@ -71,39 +71,28 @@ def probe_heads(
     settings: dict[str, Any] = {"cache": str(cache), "out": str(out), "probe": probe, "split": split,
                                 "control": control, "report": report, "steer": steer, "logger": logger,
                                 "workers": workers}
+    at_least("workers", workers, 1, optional=True)
     heads_cache = HeadCache.open(cache)
-    heads_cache.activations.open_all()  # map every shard on this thread: workers below only compute
+    heads_cache.activations.open_all()  # map every shard on this thread: the workers below only compute
     report, steer = _default_top_k(report, steer, len(heads_cache.layers), heads_cache.n_heads)
     problem = build_problem(heads_cache, probe, split, control)
     solver = probe.solver if probe.solver != "auto" else ("adam" if probe.l1 > 0 else "newton")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(out, settings)
-    track = make_logger(logger, out, name=out.name, group="probe", config=settings)
-    try:
-        with no_hugepage_advice(), ThreadPoolExecutor(1) as pool:
-            checked = pool.submit(heads_cache.verify)  # hashing only: the shards are already mapped
-            fits, mass = _fit(heads_cache, problem, probe, solver, track, split.seed, workers, out)
-            timings = {"fit": time.perf_counter() - start}
-            checked.result()  # a damaged shard raises here, before anything is reported
-            timings["checksums_waited"] = time.perf_counter() - start - timings["fit"]
-        frame = evaluate(problem, fits, mass, control, heads_cache.layers, heads_cache.n_heads, split.seed)
-        timings["metrics"] = time.perf_counter() - start - sum(timings.values())
-        run = _ProbeRun(out, heads_cache, problem, frame, report, split, {**settings, "solver": solver})
-        top, heads_csv, heatmap, directions, data = run.write(fits, mass, probe, start)
-        timings["outputs"] = time.perf_counter() - start - sum(timings.values())
-        if steer.enabled:
-            from probes.steer_run import steer_top_heads
-
-            data["steering"] = steer_top_heads(heads_cache, problem, frame, directions, steer, split.seed)
-            timings["steering"] = time.perf_counter() - start - sum(timings.values())
-        data["timings"] = {k: round(v, 3) for k, v in timings.items()}
-        write_summary(out, data)
-        scalars = {k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        log_to_tracker(track, frame, scalars, heatmap, directions, out.name)
-    finally:
-        finish(track)
+    run = _ProbeRun(out, heads_cache, problem, probe, split, control, report, steer, solver, workers,
+                    {**settings, "solver": solver})
+    with run_directory(out, "probe"):
+        save_config(out, settings)
+        track = make_logger(logger, out, name=out.name, group="probe", config=settings)
+        try:
+            frame, top, heads_csv, heatmap = run.execute(track, start)
+        finally:
+            finish(track)
     _print_report(frame, top, problem.kind, heads_csv, heatmap, time.perf_counter() - start)
     return out
+
+
+# ``train.py probe`` resolves ``probes.command:probe``. The function itself has another name because jsonargparse
+# names the command's option group after the function, which would collide with the nested ``--probe.*`` group.
+probe = probe_heads
 
 
 def _default_top_k(report: ReportConfig, steer: SteerConfig, n_layers: int, n_heads: int):
@@ -119,19 +108,47 @@ def _default_top_k(report: ReportConfig, steer: SteerConfig, n_layers: int, n_he
 
 @dataclass
 class _ProbeRun:
-    """The files of a probe run that follow from the per-head table."""
+    """One probe run's inputs, checked; :meth:`execute` fits, evaluates and writes every output."""
 
     out: Path
     cache: HeadCache
     problem: ProbeProblem
-    frame: pd.DataFrame
-    report: ReportConfig
+    probe: ProbeConfig
     split: SplitConfig
+    control: ControlConfig
+    report: ReportConfig
+    steer: SteerConfig
+    solver: str
+    workers: int | None
     settings: dict[str, Any]
 
-    def write(self, fits, mass, probe: ProbeConfig, start: float):
+    def execute(self, track, start: float):
+        """Returns ``(frame, top heads, heads.csv, heatmap.png)``; writes summary.json and the W&B run."""
+        cache, problem, split = self.cache, self.problem, self.split
+        with no_hugepage_advice(), ThreadPoolExecutor(1) as pool:
+            checked = pool.submit(cache.verify)  # hashing only: the shards are already mapped
+            fits, mass = _fit(cache, problem, self.probe, self.solver, track, split.seed, self.workers, self.out)
+            timings = {"fit": time.perf_counter() - start}
+            checked.result()  # a damaged shard raises here, before anything is reported
+            timings["checksums_waited"] = time.perf_counter() - start - timings["fit"]
+        frame = evaluate(problem, fits, mass, self.control, cache.layers, cache.n_heads, split.seed)
+        timings["metrics"] = time.perf_counter() - start - sum(timings.values())
+        top, heads_csv, heatmap, directions, data = self._write(frame, fits, mass, start)
+        timings["outputs"] = time.perf_counter() - start - sum(timings.values())
+        if self.steer.enabled:
+            from probes.steer_run import steer_top_heads
+
+            data["steering"] = steer_top_heads(cache, problem, frame, directions, self.steer, split.seed)
+            timings["steering"] = time.perf_counter() - start - sum(timings.values())
+        data["timings"] = {k: round(v, 3) for k, v in timings.items()}
+        write_summary(self.out, data)
+        scalars = {k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        log_to_tracker(track, frame, scalars, heatmap, directions, self.out.name)
+        return frame, top, heads_csv, heatmap
+
+    def _write(self, frame: pd.DataFrame, fits, mass, start: float):
         """heads.csv, heatmap.png, directions.safetensors and the summary's content (written later, with timings)."""
-        frame, problem, cache, report = self.frame, self.problem, self.cache, self.report
+        problem, cache, report = self.problem, self.cache, self.report
         metric = default_metric(problem, report.metric, frame)
         heads_csv = write_heads(self.out, frame)
         top = top_heads(frame, report.top_k)
@@ -143,13 +160,8 @@ class _ProbeRun:
         directions = save_directions(self.out / "directions.safetensors", fits, mass, problem, cache.layers,
                                      cache.n_heads)
         data = summary(frame, problem, report.top_k, primary_metric(problem.kind),
-                       {**self.settings, "backend": probe.backend}, time.perf_counter() - start)
+                       {**self.settings, "backend": self.probe.backend}, time.perf_counter() - start)
         return top, heads_csv, heatmap, directions, data
-
-
-# ``train.py probe`` resolves ``probes.command:probe``. The function itself has another name because jsonargparse
-# names the command's option group after the function, which would collide with the nested ``--probe.*`` group.
-probe = probe_heads
 
 
 def _fit(reader: HeadCache, problem, probe: ProbeConfig, solver: str, track, seed: int, workers: int | None,
@@ -180,7 +192,7 @@ def _fit(reader: HeadCache, problem, probe: ProbeConfig, solver: str, track, see
 def _print_report(frame, top, kind: str, heads_csv: Path, heatmap: Path, seconds: float) -> None:
     metric = primary_metric(kind)
     print(f"probed {len(frame)} heads in {seconds:.1f} s; top {len(top)} by validation (test {metric}):")
-    for _, row in top.head(5).iterrows():
+    for _, row in top.iterrows():
         ci = ""
         if f"{metric}_ci_low" in row:
             ci = f" [{row[f'{metric}_ci_low']:.3f}, {row[f'{metric}_ci_high']:.3f}]"

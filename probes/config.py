@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from headlab.errors import at_least, require
+
 Backend = Literal["headlab", "sklearn"]
 Solver = Literal["auto", "newton", "adam"]
 ClassWeight = Literal["none", "balanced"]
@@ -57,6 +59,16 @@ class ProbeConfig:
     tol: float = 1e-4
     """Newton stops when every head's largest gradient entry is below this (scikit-learn's lbfgs default)."""
 
+    def __post_init__(self) -> None:
+        at_least("probe.l2", self.l2, 0)
+        at_least("probe.l1", self.l1, 0)
+        require(self.lr > 0, f"--probe.lr {self.lr} must be positive")
+        at_least("probe.epochs", self.epochs, 1)
+        at_least("probe.batch_size", self.batch_size, 1)
+        at_least("probe.patience", self.patience, 0)
+        at_least("probe.max_iter", self.max_iter, 1)
+        require(self.tol > 0, f"--probe.tol {self.tol} must be positive")
+
 
 @dataclass(frozen=True)
 class SplitConfig:
@@ -75,6 +87,12 @@ class SplitConfig:
     group_column: str | None = "group"
     """Label column whose equal values stay on one side of every split (e.g. answers to one question); used when
     the cache has it, ignored otherwise. Set to null to split rows independently."""
+
+    def __post_init__(self) -> None:
+        for name, value in [("val_fraction", self.val_fraction), ("test_fraction", self.test_fraction)]:
+            require(0 < value < 1, f"--split.{name} {value} is not between 0 and 1")
+        require(self.folds == 0 or self.folds >= 2,
+                f"--split.folds {self.folds}: use 0 for holdout or k >= 2 for k-fold")
 
 
 @dataclass(frozen=True)
@@ -95,6 +113,12 @@ class ControlConfig:
     calibration_bins: int = 10
     """Equal-width confidence bins of the expected calibration error."""
 
+    def __post_init__(self) -> None:
+        at_least("control.permutations", self.permutations, 0)
+        at_least("control.bootstrap", self.bootstrap, 0)
+        require(0 < self.confidence < 1, f"--control.confidence {self.confidence} is not between 0 and 1")
+        at_least("control.calibration_bins", self.calibration_bins, 1)
+
 
 @dataclass(frozen=True)
 class ReportConfig:
@@ -105,6 +129,9 @@ class ReportConfig:
     or every head when the cache has fewer."""
     metric: str | None = None
     """Heatmap metric (a heads.csv column); default accuracy (classification) or r2 (regression)."""
+
+    def __post_init__(self) -> None:
+        at_least("report.top_k", self.top_k, 1, optional=True)
 
 
 @dataclass(frozen=True)
@@ -130,3 +157,8 @@ class SteerConfig:
     """Model to steer (default: the cache's model id)."""
     device: str = "cpu"
     """Device for the steering forward passes."""
+
+    def __post_init__(self) -> None:
+        at_least("steer.top_k", self.top_k, 1, optional=True)
+        at_least("steer.random_directions", self.random_directions, 1)
+        at_least("steer.max_prompts", self.max_prompts, 2)

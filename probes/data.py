@@ -96,11 +96,6 @@ def _units(n: int, groups: np.ndarray | None, seed: int) -> tuple[np.ndarray, np
 def assign_parts(n: int, groups: np.ndarray | None, split: SplitConfig) -> tuple[np.ndarray, list[str]]:
     """``parts [rows]`` and part names. Units (groups, or rows) are shuffled by ``split.seed`` and cut by
     cumulative row count: test first, then validation (holdout) or k folds, the rest train."""
-    for name, value in [("val_fraction", split.val_fraction), ("test_fraction", split.test_fraction)]:
-        if not 0 < value < 1:
-            raise HeadlabError(f"--split.{name} {value} is not between 0 and 1")
-    if split.folds == 1 or split.folds < 0:
-        raise HeadlabError(f"--split.folds {split.folds}: use 0 for holdout or k >= 2 for k-fold")
     unit_of_row, order = _units(n, groups, split.seed)
     sizes = np.bincount(unit_of_row)[order]
     before = (np.cumsum(sizes) - sizes) / n  # share of rows before each unit, in shuffled order

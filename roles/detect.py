@@ -17,7 +17,7 @@ from torch import nn
 from data.tasks import Task, make_task
 from headlab.errors import HeadlabError
 from headlab.models import load_model
-from headlab.runs import atomic_write_json, save_config, to_plain
+from headlab.runs import atomic_write_json, run_directory, save_config, to_plain
 from roles.mapping import DetectConfig, TargetSummary, map_heads, write_map
 
 
@@ -78,30 +78,17 @@ def detect(
     if out is None:
         out = Path("runs/detect") / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', str(model)).strip('_')}-{task}"
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {
-        "model": model,
-        "task": task,
-        "task_options": to_plain(task_options or {}),
-        "out": str(out),
-        "detection": detection,
-        "revision": revision,
-        "seed": seed,
-    }
-    save_config(out, config)
-    head_map = map_heads(net, the_task, detection, seed, ablate=ablate)
-    write_map(out, head_map, f"{Path(str(model)).name} on {task}")
-    target = TargetSummary.of(head_map, the_task.role)
-    clean = head_map.ablations[detection.ablation].clean_loss if ablate else None
-    metrics = {
-        "model": model,
-        "task": task,
-        "kind": loaded.kind,
-        "target": target.as_dict(),
-        "clean_loss": clean,
-        "seconds": time.perf_counter() - started,
-    }
-    atomic_write_json(out / "metrics.json", metrics)
+    config = {"model": model, "task": task, "task_options": to_plain(task_options or {}), "out": str(out),
+              "detection": detection, "revision": revision, "seed": seed}
+    with run_directory(out, "detect"):
+        save_config(out, config)
+        head_map = map_heads(net, the_task, detection, seed, ablate=ablate)
+        write_map(out, head_map, f"{Path(str(model)).name} on {task}")
+        target = TargetSummary.of(head_map, the_task.role)
+        clean = head_map.ablations[detection.ablation].clean_loss if ablate else None
+        metrics = {"model": model, "task": task, "kind": loaded.kind, "target": target.as_dict(), "clean_loss": clean,
+                   "seconds": time.perf_counter() - started}
+        atomic_write_json(out / "metrics.json", metrics)
     last = (f"clean task loss {clean:.3f}" if ablate else "an encoder: detection only (no next-token loss)")
     for line in [f"run: {out}", target.line(), f"{last}; {metrics['seconds']:.1f} s"]:
         print(line, flush=True)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from data.tasks import Task
+from headlab.errors import at_least
 from headlab.runs import atomic_write_text
 from roles.ablation import AblationKind, AblationResult, ablation_effects, group_effect
 from roles.null import NullStats, null_distribution
@@ -44,6 +45,14 @@ class DetectConfig:
     """freeze every attention pattern to its clean value while ablating (toy models only)"""
     eval_batch_size: int = 128
     """sequences used to measure ablation effects"""
+
+    def __post_init__(self) -> None:
+        at_least("detection.batch_size", self.batch_size, 1)
+        at_least("detection.n_null", self.n_null, 2)
+        at_least("detection.n_sigma", self.n_sigma, 0)
+        at_least("detection.effect_sigma", self.effect_sigma, 0)
+        at_least("detection.min_effect", self.min_effect, 0)
+        at_least("detection.eval_batch_size", self.eval_batch_size, 2)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from headlab.errors import HeadlabError
-from headlab.runs import to_plain
+from headlab.runs import run_directory, to_plain
 from headlab.tracking import LoggerKind
 from roles.mapping import DetectConfig
 from toymodels.run import RunConfig, train_single
@@ -60,6 +60,7 @@ def toy(
     if seeds > 1:
         from toymodels.seeds import train_seeds
 
-        return train_seeds(the_task, config)
+        with run_directory(out, "toy"):
+            return train_seeds(the_task, config)
     train_single(the_task, config)
     return Path(out)

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from headlab.errors import HeadlabError
-from headlab.runs import atomic_write_json, atomic_write_text, find_runs, save_figure, to_plain
+from headlab.runs import atomic_write_json, atomic_write_text, find_runs, run_directory, save_figure, to_plain
 from roles.table import RoleTable
 
 
@@ -310,5 +310,7 @@ def reemergence_command(runs: list[Path], out: Path = Path("runs/reemergence")) 
     Returns:
         The output directory.
     """
-    reemergence(find_runs(runs, "roles.csv", "python train.py toy --out DIR"), out)
+    run_dirs = find_runs(runs, "roles.csv", "python train.py toy --out DIR")
+    with run_directory(out, "reemergence", accepts=("toy",)):  # toy --seeds writes the same report
+        reemergence(run_dirs, out)
     return Path(out)

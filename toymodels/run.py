@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from data.tasks import Task, make_task, target_accuracy, target_loss
-from headlab.runs import atomic_write_json, atomic_write_text, save_config, to_plain
+from headlab.runs import atomic_write_json, atomic_write_text, run_directory, save_config, to_plain
 from headlab.tracking import LoggerKind, finish, make_logger, quiet_libraries, sweep_callbacks
 from roles.mapping import DetectConfig, TargetSummary, map_heads, write_map
 from roles.null import NullStats, null_distribution
@@ -96,6 +96,9 @@ class SeedResult:
 def setup_seed(the_task: Task, config: RunConfig) -> SeedRun:
     """The seed's run directory and config file, its initialised model, null thresholds and emergence tracker."""
     out, seed, detection, train = Path(config.out), config.seed, config.detection, config.train
+    if (out / "config.yaml").exists() and not (out / "metrics.json").exists():
+        print(f"{out} holds an unfinished run (killed before it ended); restarting it from step 0: toy runs keep "
+              "no checkpoint", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     save_config(out, config.plain())
     pl.seed_everything(seed, verbose=False)
@@ -209,7 +212,12 @@ def log_to_wandb(run_logger, result: SeedResult) -> None:
 
 
 def train_single(the_task: Task, config: RunConfig) -> SeedResult:
-    """Train one seed alone and write its run directory; prints the summary lines."""
+    """Train one seed alone and write its run directory (claimed for the whole run); prints the summary lines."""
+    with run_directory(config.out, "toy"):
+        return _train_single(the_task, config)
+
+
+def _train_single(the_task: Task, config: RunConfig) -> SeedResult:
     started = time.perf_counter()
     run = setup_seed(the_task, config)
     run_logger = make_logger(config.logger, run.out, name=f"toy-{config.task}-s{config.seed}",

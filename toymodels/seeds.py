@@ -13,13 +13,14 @@ resumes at the first unfinished seed; a directory holding a different config is 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
 
 from data.tasks import Task
 from headlab.errors import HeadlabError
-from headlab.runs import atomic_write_json, load_config, save_config
+from headlab.runs import atomic_write_json, load_config, run_directory, save_config
 from headlab.tracking import finish, make_logger
 from toymodels.reemergence import reemergence
 from toymodels.run import RunConfig, finish_seed, make_trainer, setup_seed, train_single
@@ -56,7 +57,10 @@ def train_seeds(the_task: Task, config: RunConfig) -> Path:
     started = time.perf_counter()
     stacked = bool(stack and len(todo) > 1)
     if stacked:
-        _train_stacked(the_task, [configs[s] for s in todo], out)
+        with contextlib.ExitStack() as claims:
+            for s in todo:
+                claims.enter_context(run_directory(configs[s].out, "toy"))
+            _train_stacked(the_task, [configs[s] for s in todo], out)
     else:
         for s in todo:
             train_single(the_task, configs[s])

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from data.tasks import Batch, Task, target_accuracy, target_loss
+from headlab.errors import at_least, require
 from toymodels.modeling import ToyTransformer, ToyTransformerConfig
 
 
@@ -41,6 +42,19 @@ class ToyConfig:
     """positional encoding: learned (residual stream), rotary, shortformer (q and k only) or none"""
     tie_embeddings: bool = False
     """share the embedding and unembedding matrices"""
+
+    def __post_init__(self) -> None:
+        at_least("model.n_layers", self.n_layers, 1)
+        at_least("model.n_heads", self.n_heads, 1)
+        at_least("model.d_model", self.d_model, 1)
+        at_least("model.d_head", self.d_head, 1, optional=True)
+        at_least("model.d_mlp", self.d_mlp, 1, optional=True)
+        require(self.d_head is not None or self.d_model % self.n_heads == 0,
+                f"--model.d_model {self.d_model} is not a multiple of --model.n_heads {self.n_heads}; change one "
+                "or set --model.d_head")
+        d_head = self.d_head or self.d_model // self.n_heads
+        require(self.positional != "rotary" or d_head % 2 == 0,
+                f"rotary positions need an even head width, got {d_head}; change --model.d_head or --model.d_model")
 
     def hf_config(self, vocab_size: int, n_positions: int, **extra) -> ToyTransformerConfig:
         return ToyTransformerConfig(
@@ -84,6 +98,17 @@ class TrainConfig:
     accelerator: str = "cpu"
     """where training runs: cpu, gpu, mps or auto (Lightning's names); detection and ablation always run on a CPU
     copy. One toy model is too small to pay for a GPU; stacked seeds (--seeds N) are where one pays"""
+
+    def __post_init__(self) -> None:
+        at_least("train.steps", self.steps, 1)
+        at_least("train.batch_size", self.batch_size, 1)
+        require(self.lr > 0, f"--train.lr {self.lr} must be positive")
+        at_least("train.weight_decay", self.weight_decay, 0)
+        require(all(0 <= b < 1 for b in self.betas), f"--train.betas {list(self.betas)} must lie in [0, 1)")
+        at_least("train.warmup_steps", self.warmup_steps, 0)
+        at_least("train.track_every", self.track_every, 1)
+        at_least("train.eval_batch_size", self.eval_batch_size, 2)
+        at_least("train.log_every", self.log_every, 1)
 
 
 class TaskStream(IterableDataset):

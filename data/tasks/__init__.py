@@ -51,6 +51,11 @@ def make_task(name: str, **options: Any) -> Task:
         )
     if "cycles" in options:
         options["cycles"] = tuple(options["cycles"])
+    for key, value in options.items():  # sizes and counts; seeds may be any integer
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, int) and not isinstance(v, bool) and not key.endswith("seed") and v < 1:
+                raise HeadlabError(f"task '{name}': option {key}={value} must be a positive number")
     try:
         return cls(**options)
     except ValueError as error:

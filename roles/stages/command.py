@@ -20,8 +20,8 @@ from typing import Any
 
 import pandas as pd
 
-from headlab.errors import HeadlabError
-from headlab.runs import atomic_write_json, atomic_write_text, save_config, to_plain
+from headlab.errors import HeadlabError, at_least
+from headlab.runs import atomic_write_json, atomic_write_text, run_directory, save_config, to_plain
 from roles.mapping import DetectConfig
 from roles.stages.report import StageEntry, plot_stage_map, report_lines
 from roles.stages.sources import ROW_COLUMNS, ModelHeads, load_toy_run, map_hf_model, resolve_toy_runs
@@ -101,15 +101,23 @@ def stages(
     if not toy_runs and not models:
         raise HeadlabError("nothing to compare: pass --toy_runs '[DIR, ...]' and/or --models '[minilm, ...]'")
     run_dirs = resolve_toy_runs(list(toy_runs or []))
+    at_least("length", length, 4)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     config = {"toy_runs": [str(p) for p in toy_runs or []], "models": list(models or []), "out": str(out),
               "stage_map": dict(stage_map or {}), "detection": detection, "length": length, "ablate": ablate,
               "seed": seed}
-    save_config(out, config)
-
     heads = [load_toy_run(d, detection.n_sigma) for d in run_dirs]
     heads += [map_hf_model(spec, detection, length, seed, ablate) for spec in models or []]
+    with run_directory(out, "stages"):
+        save_config(out, config)
+        summary = _write(out, heads, stage_of, started)
+    for line in [f"run: {out}", *report_lines(summary["entries"], summary["toy_groups"])]:
+        print(line, flush=True)
+    return out
+
+
+def _write(out: Path, heads: list[ModelHeads], stage_of: dict[str, str], started: float) -> dict[str, Any]:
+    """stages.csv, stage_depths.csv, stage_map.png and summary.json; returns the summary with its entries."""
     _unique_names(heads)
     per_model = [m.detected_rows(stage_of) for m in heads]
     rows = pd.concat(per_model, ignore_index=True) if per_model else pd.DataFrame(columns=ROW_COLUMNS)
@@ -131,6 +139,4 @@ def stages(
         "seconds": time.perf_counter() - started,
     }
     atomic_write_json(out / "summary.json", to_plain(summary))
-    for line in [f"run: {out}", *report_lines(all_entries, groups)]:
-        print(line, flush=True)
-    return out
+    return {**summary, "entries": all_entries}
