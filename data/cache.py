@@ -231,10 +231,7 @@ class HeadCache:
                 f"head cache {path} is incomplete ({len(manifest['shards'])} shards, {done} rows written); "
                 "run the same cache command again to resume it"
             )
-        for shard in manifest["shards"]:
-            file = path / shard["file"]
-            if not file.exists():
-                raise HeadlabError(f"head cache {path} is missing shard {shard['file']}; run the cache command again")
+        _check_manifest(path, manifest)
         return cls(path, manifest, verify=verify)
 
     @property
@@ -263,21 +260,36 @@ class HeadCache:
     def labels(self) -> pd.DataFrame:
         """One row per row of activations: every label column, plus ``group`` when the dataset had groups."""
         if self._labels is None:
-            columns = {}
-            for name in [*self.manifest.get("label_schema", {}), *self.manifest.get("extra_columns", [])]:
-                columns[name] = np.load(self.path / "labels" / f"{name}.npy", allow_pickle=False)
+            names = [*self.manifest.get("label_schema", {}), *self.manifest.get("extra_columns", [])]
+            columns = {name: self._row_file("labels", name) for name in names}
             self._labels = pd.DataFrame(columns, index=pd.RangeIndex(self.rows))
         return self._labels
 
     @property
     def example_index(self) -> np.ndarray:
         """``[rows]``: the dataset example each row was read from."""
-        return np.load(self.path / "rows" / "example.npy")
+        return self._row_file("rows", "example")
 
     @property
     def token_index(self) -> np.ndarray:
         """``[rows]``: the token position each row was read at (-1 for the ``mean`` rule)."""
-        return np.load(self.path / "rows" / "token.npy")
+        return self._row_file("rows", "token")
+
+    def _row_file(self, folder: str, name: str) -> np.ndarray:
+        """One value per row from ``folder/name.npy``; a one-line error when it is missing, damaged or of another
+        length than the activations."""
+        file = self.path / folder / f"{name}.npy"
+        try:
+            values = np.load(file, allow_pickle=False)
+        except (OSError, ValueError, EOFError, SyntaxError) as error:
+            raise HeadlabError(f"head cache {self.path}: {folder}/{name}.npy is missing or damaged "
+                               f"({type(error).__name__}); delete the cache directory and run the cache command "
+                               "again") from error
+        if values.shape[:1] != (self.rows,):
+            count = values.shape[0] if values.ndim else 0
+            raise HeadlabError(f"head cache {self.path}: {folder}/{name}.npy has {count} values for {self.rows} rows; "
+                               "the cache is damaged: delete it and run the cache command again")
+        return values
 
     def head(self, layer: int, head: int) -> np.ndarray:
         """``[rows, d_head]`` for one head; ``layer`` indexes the cached layers (``self.layers``)."""
@@ -293,11 +305,37 @@ class HeadCache:
                 f"layers={len(self.layers)}, heads={self.n_heads}, d_head={self.d_head}, dtype={m['dtype']})")
 
 
+MANIFEST_KEYS = ("shards", "rows", "layers", "n_heads", "d_head", "dtype", "label_schema")
+
+
+def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """A complete manifest that agrees with itself and with the files beside it, else a one-line error."""
+    damaged = f"head cache {path} is damaged"
+    fix = "delete the cache directory and run the cache command again"
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise HeadlabError(f"{damaged}: {MANIFEST} lacks {', '.join(missing)}; {fix}")
+    try:
+        listed = sum(int(s["rows"]) for s in manifest["shards"])
+        files = [path / s["file"] for s in manifest["shards"]]
+        np.dtype(manifest["dtype"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise HeadlabError(f"{damaged}: its shard list or dtype is unreadable ({error}); {fix}") from error
+    if listed != manifest["rows"]:
+        raise HeadlabError(f"{damaged}: {MANIFEST} says {manifest['rows']} rows but its shards hold {listed}; {fix}")
+    for file in files:
+        if not file.exists():
+            raise HeadlabError(f"head cache {path} is missing shard {file.name}; run the cache command again")
+
+
 def read_manifest(path: Path) -> dict[str, Any] | None:
     file = Path(path) / MANIFEST
     if not file.exists():
         return None
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as error:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise HeadlabError(f"{file} is not valid JSON ({error}); delete the cache directory and rebuild it") from error
+    if not isinstance(manifest, dict):
+        raise HeadlabError(f"{file} holds no manifest object; delete the cache directory and rebuild it")
+    return manifest

@@ -86,12 +86,20 @@ class CacheWriter:
                     "delete the directory and run the cache command again"
                 )
 
+    def _mark(self) -> None:
+        """Mark the directory as a cache run (see :func:`headlab.runs.run_directory`), so no other command writes
+        into it; the cache command has already done so."""
+        if not (self.path / RUN_MARKER).exists():
+            atomic_write_json(self.path / RUN_MARKER, {"command": "cache"})
+
     def add_shard(self, activations: np.ndarray, example: np.ndarray, token: np.ndarray, end_example: int) -> None:
         """Append one shard ``[rows, layers, heads, d_head]`` covering dataset examples up to ``end_example``.
 
         ``example`` and ``token`` (``[rows]``) say which example and token position each row was read at.
         """
         index = len(self.manifest["shards"])
+        if index == 0:
+            self._mark()
         name = f"shards/{index:05d}.npy"
         _save_npy(self.path / f"shards/{index:05d}.rows.npy", np.stack([example, token], 1).astype(np.int64))
         digest = sha256_of_array(activations)

@@ -32,6 +32,8 @@ def label_array(name: str, values: Sequence[Any], where: str = "dataset") -> np.
     for row, value in enumerate(values):
         if value is None or (isinstance(value, float) and np.isnan(value)):
             raise HeadlabError(f"{where}: label '{name}' is missing at row {row}; give every example a label")
+        if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+            raise HeadlabError(f"{where}: label '{name}' is {value} at row {row}; give every example a finite label")
         kinds.setdefault(_type_name(value), row)
     if {"int", "float"} <= kinds.keys():
         kinds.pop("int")

@@ -162,9 +162,9 @@ def run_directory(out: str | Path, command: str, *, accepts: Sequence[str] = (),
     - A directory holding the run of another command (its ``RUN_MARKER``, or a ``config.yaml`` without one) is
       refused, unless that command is in ``accepts``: a run never overwrites another run's files.
     - With ``exclusive`` (every command but a sweep, whose workers share one folder by design) the directory is
-      locked (``flock`` on ``.headlab.lock``) until the block ends; a second run into it fails at once. The lock
-      dies with its process, so a killed run never leaves a stale lock.
-    - Holding the lock, the temporary files a killed run left behind are removed.
+      locked (``flock`` on ``.headlab.lock``) until the block ends; a second run into it fails at once. Sweep
+      workers hold the lock shared. The lock dies with its process, so a killed run never leaves a stale lock.
+    - Whoever holds the folder alone removes the temporary files a killed run left behind.
     - A directory this call created is removed again when the block ends in a :class:`HeadlabError` before any
       output was written (bad input found after the claim); results written so far, and an interrupted run's
       work, are kept.
@@ -181,9 +181,7 @@ def run_directory(out: str | Path, command: str, *, accepts: Sequence[str] = (),
     out.mkdir(parents=True, exist_ok=True)
     handle = None
     try:
-        if exclusive:
-            handle = _lock(out)
-            _remove_stale_temp_files(out)
+        handle = _lock(out, exclusive)
         if owner is None:
             atomic_write_json(marker, {"command": command})
         yield out
@@ -221,17 +219,25 @@ def _run_owner(out: Path) -> str | None:
     return None
 
 
-def _lock(out: Path):
+def _lock(out: Path, exclusive: bool):
+    """Hold ``out``'s lock file for the run: exclusively, or shared with the other workers of a sweep. Whoever
+    finds itself alone (an exclusive lock is free) removes the temporary files a killed run left."""
     import fcntl
 
     handle = open(out / LOCK_NAME, "a")  # noqa: SIM115 (held open for the whole run)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as error:
-        handle.close()
-        raise HeadlabError(
-            f"another headlab run is writing to {out}; wait for it to finish or choose another --out"
-        ) from error
+        if exclusive:
+            handle.close()
+            raise HeadlabError(
+                f"another headlab run is writing to {out}; wait for it to finish or choose another --out"
+            ) from error
+        fcntl.flock(handle, fcntl.LOCK_SH)  # other sweep workers are running: share, and leave their files alone
+        return handle
+    _remove_stale_temp_files(out)
+    if not exclusive:
+        fcntl.flock(handle, fcntl.LOCK_SH)
     return handle
 
 

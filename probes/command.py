@@ -198,5 +198,11 @@ def _print_report(frame, top, kind: str, heads_csv: Path, heatmap: Path, seconds
             ci = f" [{row[f'{metric}_ci_low']:.3f}, {row[f'{metric}_ci_high']:.3f}]"
         extra = f", selectivity {row['selectivity']:+.3f}" if "selectivity" in row else ""
         print(f"  layer {int(row['layer'])} head {int(row['head'])}: {metric} {row[metric]:.3f}{ci}{extra}")
+    if "degenerate_dims" in frame and (frame["degenerate_dims"] > 0).any():
+        flat = frame[frame["degenerate_dims"] > 0]
+        names = ", ".join(f"L{r.layer}H{r.head} ({r.degenerate_dims})" for r in flat.head(8).itertuples())
+        more = f" and {len(flat) - 8} more" if len(flat) > 8 else ""
+        print(f"note: {len(flat)} heads have near-constant output dimensions, standardised with a floored scale "
+              f"(dims per head): {names}{more}; see degenerate_dims in heads.csv")
     print(f"heads: {heads_csv}")
     print(f"heatmap: {heatmap}")

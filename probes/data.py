@@ -258,6 +258,26 @@ class HeadMajor:
         return out.numpy()
 
 
+STD_FLOOR = 1e-2
+"""Standardisation floor, relative: a feature's scale is at least ``STD_FLOOR`` times the median scale of its
+head's features, and at least :data:`STD_FLOOR_ABSOLUTE`."""
+STD_FLOOR_ABSOLUTE = 1e-5
+
+
+def standardisation_scale(std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``std [..., d_head]`` -> ``(scale [..., d_head], degenerate [..., d_head] bool)``.
+
+    ``scale = max(std, floor)`` with ``floor = max(STD_FLOOR * median_j std_j, STD_FLOOR_ABSOLUTE)`` per head.
+    A near-constant dimension (float16 quantisation of a tiny output, a dead unit, a constant) would otherwise be
+    divided by its tiny std: standardised, it becomes huge, its L2 penalty vanishes, the probe can spend any
+    weight on quantisation noise and the Newton system turns singular. Floored, using it costs what using a
+    typical dimension costs. ``degenerate`` marks the dimensions the floor lifted.
+    """
+    std = np.asarray(std, dtype=np.float64)
+    floor = np.maximum(STD_FLOOR * np.median(std, axis=-1, keepdims=True), STD_FLOOR_ABSOLUTE)
+    return np.maximum(std, floor), std < floor
+
+
 def check_finite(sums: np.ndarray, layers: list[int], n_heads: int, first_head: int = 0) -> None:
     """Raise for the first head whose column sums (any reduction that NaN/inf propagates through) are not finite."""
     bad = np.flatnonzero(~np.isfinite(sums.reshape(sums.shape[0], -1)).all(axis=1))
@@ -324,7 +344,8 @@ class ProbeDataModule(pl.LightningDataModule):
             total_sq = (x * x).sum(0) if total_sq is None else total_sq + (x * x).sum(0)
         mean = total / len(rows)
         std = np.sqrt(np.maximum(total_sq / len(rows) - mean * mean, 0))
-        return torch.from_numpy(mean).float(), torch.from_numpy(np.where(std > 0, std, 1.0)).float()
+        scale, _ = standardisation_scale(std)
+        return torch.from_numpy(mean).float(), torch.from_numpy(scale).float()
 
 
 def describe(problem: ProbeProblem) -> dict[str, Any]:

@@ -80,6 +80,8 @@ def evaluate(problem: ProbeProblem, fits: HeadFits, mass: MassMean | None, contr
         table["mass_mean_std"] = mass.std[:, 0]
     table["converged"] = fits.converged.all(0)
     table["iterations"] = fits.iterations
+    if fits.degenerate is not None:
+        table["degenerate_dims"] = fits.degenerate
     frame = pd.DataFrame(table, index=pd.RangeIndex(n_total))
     frame["rank"] = frame[rank_column(frame, kind)].rank(ascending=False, method="first").astype(int)
     return frame

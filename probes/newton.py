@@ -37,7 +37,7 @@ import torch
 
 from headlab.errors import HeadlabError
 from probes.config import ProbeConfig
-from probes.data import HeadMajor, ProbeProblem, check_finite
+from probes.data import HeadMajor, ProbeProblem, check_finite, standardisation_scale
 from probes.mass_mean import MassMean, mass_mean_block
 
 
@@ -50,6 +50,7 @@ class HeadFits:
     scores: np.ndarray  # [fits, rows, heads, outputs]: logits (classification) or predictions (regression)
     iterations: np.ndarray  # [heads]: Newton iterations of each head's block (0 for closed-form / other solvers)
     converged: np.ndarray  # [fits, heads]
+    degenerate: np.ndarray | None = None  # [heads]: near-constant dimensions (see standardisation_scale)
 
 
 def loss_and_grad(z: np.ndarray, y: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
@@ -183,26 +184,29 @@ def fit_newton(hm: HeadMajor, problem: ProbeProblem, probe: ProbeConfig, layers:
     scores = np.zeros((n_fits, n_rows, n_heads_total, k), np.float32)
     iterations = np.zeros(n_heads_total, np.int64)
     converged = np.ones((n_fits, n_heads_total), bool)
+    degenerate = np.zeros(n_heads_total, np.int64)
     mass = MassMeanCollector(hm, problem) if with_mass_mean and kind != "regression" else None
 
     def solve(h0: int) -> None:
         h1 = min(h0 + hm.block_size, n_heads_total)
         blk = _Block(hm.block(h0, h1), hm.bounds, gram_parts, sqrt_w)
         check_finite(sum(blk.gram.values()), layers, n_heads, h0)  # NaN/inf in training rows
-        u, z, its, ok = _solve_block(blk, fits, kind, curv, probe, row_w, targets, n_train, k)
+        u, z, its, ok, flat = _solve_block(blk, fits, kind, curv, probe, row_w, targets, n_train, k)
         check_finite(z.transpose(0, 2, 1, 3), layers, n_heads, h0)  # ... and in the rows only scored
         weight[:, h0:h1] = u[:, :, :d].transpose(1, 0, 2, 3)
         bias[:, h0:h1] = u[:, :, d].transpose(1, 0, 2)
         scores[:, :, h0:h1] = z.transpose(2, 1, 0, 3)
         iterations[h0:h1] = its
         converged[:, h0:h1] = ok.T
+        degenerate[h0:h1] = flat[:, problem.report_fit]
         if mass is not None:
             mass.add(h0, blk.x)
 
     run_blocks(solve, range(0, n_heads_total, hm.block_size), workers)
     unsorted = np.empty_like(scores)
     unsorted[:, order] = scores
-    return HeadFits(weight, bias, unsorted, iterations, converged), None if mass is None else mass.result()
+    fitted = HeadFits(weight, bias, unsorted, iterations, converged, degenerate)
+    return fitted, None if mass is None else mass.result()
 
 
 class MassMeanCollector:
@@ -241,27 +245,28 @@ def fit_mass_mean(hm: HeadMajor, problem: ProbeProblem, workers: int | None = No
 def _solve_block(blk: _Block, fits, kind: str, curv: float, probe: ProbeConfig, row_w: np.ndarray,
                  targets: np.ndarray, n_train: np.ndarray, k: int):
     """Solve all fits for one block. Returns ``u [block, fits, d+1, k]`` (last row: bias), ``z [block, rows,
-    fits, k]``, the iteration count and ``converged [block, fits]``."""
+    fits, k]``, the iteration count, ``converged [block, fits]`` and the near-constant dimensions of each head
+    on each fit's training rows, ``degenerate [block, fits]``."""
     x = blk.x  # [B, N, d]
     b_, _, d = x.shape
     n_fits = len(fits)
-    penalty = np.zeros((b_, n_fits, d + 1))  # Lambda: l2 * sigma_j^2, 0 for the bias
+    penalty = np.zeros((b_, n_fits, d + 1))  # Lambda: l2 * scale_j^2, 0 for the bias
     h_inv = np.empty((b_, n_fits, d + 1, d + 1))
+    degenerate = np.zeros((b_, n_fits), np.int64)
     inverted: dict[tuple[int, ...], int] = {}  # fits on the same rows (task, control) share one bound matrix
     for f, fit in enumerate(fits):
         n = n_train[f]
-        if probe.standardize:
-            mean = sum(blk.sum[p] for p in fit.train_parts) / n
-            var = sum(blk.sum_sq[p] for p in fit.train_parts) / n - mean * mean
-            penalty[:, f, :d] = probe.l2 * np.where(var > 1e-12, var, 1.0)
-        else:
-            penalty[:, f, :d] = probe.l2
+        mean = sum(blk.sum[p] for p in fit.train_parts) / n
+        var = sum(blk.sum_sq[p] for p in fit.train_parts) / n - mean * mean
+        scale, flat = standardisation_scale(np.sqrt(np.maximum(var, 0.0)))  # [B, d]
+        degenerate[:, f] = flat.sum(-1)
+        penalty[:, f, :d] = probe.l2 * (scale**2 if probe.standardize else 1.0)
         if fit.train_parts in inverted:
             h_inv[:, f] = h_inv[:, inverted[fit.train_parts]]
             continue
         inverted[fit.train_parts] = f
         gram = sum(blk.gram[p] for p in fit.train_parts)
-        h_inv[:, f] = np.linalg.inv(curv * gram / n + penalty[:, f, :, None] * np.eye(d + 1))
+        h_inv[:, f] = damped_inverse(curv * gram / n + penalty[:, f, :, None] * np.eye(d + 1))
     # rows any fit trains on: parts are sorted and every part before the last trained one is trained on
     fit_rows = blk.fit_rows
     xf = x[:, :fit_rows]  # [B, R, d]
@@ -284,8 +289,8 @@ def _solve_block(blk: _Block, fits, kind: str, curv: float, probe: ProbeConfig, 
         rhs = backward((targets * row_w)[None, :, :, None] * np.ones((b_, 1, 1, 1)))
         for f, fit in enumerate(fits):  # ridge: (G~/n + Lambda) u = X~^T y / n
             gram = sum(blk.gram[p] for p in fit.train_parts)
-            u[:, f] = np.linalg.solve(gram / n_train[f] + penalty[:, f, :, None] * np.eye(d + 1), rhs[:, f])
-        return u, forward(u, x), 0, np.ones((b_, n_fits), bool)
+            u[:, f] = damped_inverse(gram / n_train[f] + penalty[:, f, :, None] * np.eye(d + 1)) @ rhs[:, f]
+        return u, forward(u, x), 0, np.ones((b_, n_fits), bool), degenerate
     def gradient() -> np.ndarray:  # [B, F, d+1, k]
         _, dz = loss_and_grad(z, targets, kind)
         grad = backward(dz * w_rows[..., None]) + penalty[..., None] * u
@@ -312,10 +317,35 @@ def _solve_block(blk: _Block, fits, kind: str, curv: float, probe: ProbeConfig, 
         active[b, f] = not converged
         iteration = max(iteration, BOUND_STEPS + steps)
     # training rows already hold their scores in z; only the held-out rows need a pass
-    return u, np.concatenate([z, forward(u, x[:, fit_rows:])], 1), iteration, ~active
+    return u, np.concatenate([z, forward(u, x[:, fit_rows:])], 1), iteration, ~active, degenerate
 
 
 BOUND_STEPS = 6
+
+
+def damped_inverse(matrix: np.ndarray) -> np.ndarray:
+    """Inverse of symmetric positive semi-definite ``matrix [..., n, n]``; where it is singular or the inverse is not
+    finite (a constant feature with no L2 penalty, float32 rounding of a near-colinear Gram), the Levenberg-style
+    damped ``(M + lambda I)^-1`` with the smallest ``lambda = 10^k * 1e-10 * mean diag(M)`` that inverts cleanly."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    try:
+        inverse = np.linalg.inv(matrix)
+        if np.isfinite(inverse).all():
+            return inverse
+    except np.linalg.LinAlgError:
+        pass
+    if matrix.ndim > 2:
+        return np.stack([damped_inverse(m) for m in matrix])
+    eye = np.eye(matrix.shape[-1])
+    base = max(float(np.trace(matrix)) / matrix.shape[-1], 1e-12)
+    for power in range(-10, 3):
+        try:
+            inverse = np.linalg.inv(matrix + base * 10.0**power * eye)
+        except np.linalg.LinAlgError:
+            continue
+        if np.isfinite(inverse).all():
+            return inverse
+    return np.linalg.pinv(matrix)
 
 
 def _exact_newton(x: np.ndarray, u: np.ndarray, z: np.ndarray, y: np.ndarray, w: np.ndarray, penalty: np.ndarray,
@@ -336,7 +366,7 @@ def _exact_newton(x: np.ndarray, u: np.ndarray, z: np.ndarray, y: np.ndarray, w:
         hessian[:d, d] = hessian[d, :d] = a.T @ curvature[:, 0]
         hessian[d, d] = float((curvature.astype(np.float64) ** 2).sum())
         hessian[np.diag_indices(d + 1)] += penalty
-        step = -np.linalg.solve(hessian, grad)[:, None]  # [d+1, 1]
+        step = -(damped_inverse(hessian) @ grad)[:, None]  # [d+1, 1]
         q = (x @ step[:d].astype(np.float32) + np.float32(step[d, 0]))  # [R, 1]
         t = _line_search(z[None, :, None], q[None, :, None], u[None, None], step[None, None],
                          penalty[None, None], y[:, None], w[None, :, None], "binary", start=0.0)

@@ -26,7 +26,7 @@ def write_heads(run: Path, frame: pd.DataFrame) -> Path:
 def summary(frame: pd.DataFrame, problem: ProbeProblem, top_k: int, metric: str, settings: dict[str, Any],
             seconds: float) -> dict[str, Any]:
     """summary.json: the top-k heads (chosen on validation, scored on test, with intervals) and the settings."""
-    columns = [c for c in frame.columns if c not in {"converged", "iterations"}]
+    columns = [c for c in frame.columns if c not in {"converged", "iterations", "degenerate_dims"}]
     top = top_heads(frame, top_k)[columns]
     out: dict[str, Any] = {
         "problem": describe(problem),
@@ -45,6 +45,10 @@ def summary(frame: pd.DataFrame, problem: ProbeProblem, top_k: int, metric: str,
         out["significant_heads_fdr_0.05"] = int((frame["p_value_bh"] < 0.05).sum())
     if "selectivity" in frame:
         out["top_mean_selectivity"] = float(top["selectivity"].mean())
+    if "degenerate_dims" in frame:
+        flat = frame[frame["degenerate_dims"] > 0]
+        out["degenerate_heads"] = [{"layer": int(r.layer), "head": int(r.head), "dims": int(r.degenerate_dims)}
+                                   for r in flat.itertuples()]
     return out
 
 

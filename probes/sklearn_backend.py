@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 
 from probes.config import ProbeConfig
-from probes.data import HeadMajor, ProbeProblem, check_finite
+from probes.data import HeadMajor, ProbeProblem, check_finite, standardisation_scale
 from probes.newton import HeadFits
 
 
@@ -51,8 +51,7 @@ def fit_sklearn(hm: HeadMajor, problem: ProbeProblem, probe: ProbeConfig, layers
             for f, fit in enumerate(problem.fits):
                 train = problem.train_mask(fit)
                 mean = x[train].mean(0) if probe.standardize else np.zeros(d, np.float32)
-                std = x[train].std(0) if probe.standardize else np.ones(d, np.float32)
-                std = np.where(std > 0, std, 1.0)
+                std = standardisation_scale(x[train].std(0))[0] if probe.standardize else np.ones(d)
                 model = sklearn_model(problem.kind, probe, int(train.sum()))
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always", ConvergenceWarning)

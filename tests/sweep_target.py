@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,8 @@ class Scale:
     power: int = 2
 
 
-def quadratic(x: float = 0.0, y: int = 0, scale: Scale = Scale(), out: Path = Path("runs/q")) -> Path:
+def quadratic(x: float = 0.0, y: int = 0, scale: Scale = Scale(), out: Path = Path("runs/q"),
+              seconds: float = 0.0) -> Path:
     """Writes metrics.json with score = -(|x - 0.3|^power + (y - 2)^2).
 
     Args:
@@ -26,8 +28,10 @@ def quadratic(x: float = 0.0, y: int = 0, scale: Scale = Scale(), out: Path = Pa
         y: an int parameter
         scale: nested options
         out: run directory
+        seconds: sleep this long after creating the run directory (to kill a sweep mid-trial)
     """
     out.mkdir(parents=True, exist_ok=True)
+    time.sleep(seconds)
     score = -(abs(x - 0.3) ** scale.power + (y - 2) ** 2)
     (out / "metrics.json").write_text(json.dumps({"score": score, "nested": {"x": x}}))
     return out

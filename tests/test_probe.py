@@ -397,3 +397,71 @@ def test_regression_run_reports_r2(tmp_path):
     assert (best["layer"], best["head"]) == SIGNAL and best["r2"] > 0.3
     tensors, _ = load_directions(tmp_path / "r" / "directions.safetensors")
     assert "mass_mean_direction" not in tensors
+
+
+# degenerate numbers
+
+
+def test_damped_inverse_handles_a_singular_matrix():
+    from probes.newton import damped_inverse
+
+    singular = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 1.0, 1.0]])
+    inverse = damped_inverse(singular)
+    assert np.isfinite(inverse).all()
+    b = singular @ np.array([1.0, 2.0, -1.0])  # a right-hand side in the matrix's range
+    np.testing.assert_allclose(singular @ (inverse @ b), b, atol=1e-3)  # still solves it
+    regular = np.array([[2.0, 1.0], [1.0, 3.0]])
+    np.testing.assert_allclose(damped_inverse(regular), np.linalg.inv(regular))
+
+
+def test_degenerate_heads_never_crash_the_probe_and_are_named(tmp_path):
+    """A head that outputs zeros, a head with a near-constant float16 dimension (std ~5e-5, the SmolLM2 case that
+    made the exact Newton step singular) on nearly separable labels, and a normal head with the signal."""
+    rng = np.random.default_rng(3)
+    rows = 400
+    y = np.arange(rows) % 2
+    x = rng.normal(size=(rows, LAYERS, HEADS, D)).astype(np.float32)
+    x[:, 0, 0] = 0.0  # a head that outputs zeros
+    x[:, 0, 1] += 4.0 * (2 * y[:, None] - 1)  # nearly separable: exact Newton steps finish it
+    x[:, 0, 1, 2] = 1.0 + 5e-5 * rng.normal(size=rows)  # one near-constant dimension
+    x[:, SIGNAL[0], SIGNAL[1], :3] += 1.5 * y[:, None]
+    cache = write_cache(tmp_path / "c", x.astype(np.float16), {"label": y})
+    out = probe(cache.path, tmp_path / "r", logger="none", control=ControlConfig(permutations=0, bootstrap=0))
+    heads = pd.read_csv(out / "heads.csv").set_index(["layer", "head"])
+    assert np.isfinite(heads["accuracy"]).all()
+    assert heads.loc[(0, 0), "degenerate_dims"] == D and heads.loc[(0, 1), "degenerate_dims"] == 1
+    assert (heads.drop([(0, 0), (0, 1)])["degenerate_dims"] == 0).all()
+    assert heads.loc[(0, 1), "accuracy"] > 0.95 and heads.loc[SIGNAL, "accuracy"] > 0.8
+    assert heads.loc[(0, 0), "accuracy"] < 0.65  # zeros carry nothing
+    summary = json.loads((out / "summary.json").read_text())
+    named = {(h["layer"], h["head"]): h["dims"] for h in summary["degenerate_heads"]}
+    assert named == {(0, 0): D, (0, 1): 1}
+
+
+def test_standardisation_floor_known_answer():
+    from probes.data import STD_FLOOR, standardisation_scale
+
+    std = np.array([[1.0, 2.0, 3.0, 1e-6], [0.0, 0.0, 0.0, 0.0]])
+    scale, flat = standardisation_scale(std)
+    median = np.median(std[0])  # 1.5
+    np.testing.assert_allclose(scale[0], [1.0, 2.0, 3.0, STD_FLOOR * median])
+    np.testing.assert_allclose(scale[1], 1e-5)
+    assert flat.tolist() == [[False, False, False, True], [True] * 4]
+
+
+def test_exact_newton_survives_an_exactly_singular_hessian():
+    """A dimension that is zero in every row, with no penalty: the Hessian has a zero row and column, which
+    np.linalg.solve refuses ("Singular matrix"); the damped step still fits the informative dimension."""
+    from probes.newton import _exact_newton
+
+    rng = np.random.default_rng(0)
+    n = 200
+    y = (np.arange(n) % 2).astype(np.float64)
+    x = np.zeros((n, 2), np.float32)
+    x[:, 0] = (2 * y - 1) * 0.5 + rng.normal(size=n).astype(np.float32)  # informative, overlapping classes
+    u = np.zeros((3, 1))
+    z = np.zeros((n, 1), np.float32)
+    _, converged = _exact_newton(x, u, z, y, np.full(n, 1.0 / n), np.zeros(3), tol=1e-4, max_steps=50)
+    assert converged and np.isfinite(u).all() and u[1, 0] == 0.0
+    reference = LogisticRegression(C=1e12, max_iter=10_000, tol=1e-10).fit(x[:, :1], y)  # unpenalised optimum
+    np.testing.assert_allclose(u[0, 0], reference.coef_[0, 0], rtol=1e-3)
