@@ -31,7 +31,8 @@ def make_logger(
     config: dict[str, Any] | None = None,
     tags: list[str] | None = None,
 ):
-    """A Lightning logger writing into ``run_dir`` (or ``False`` for ``none``)."""
+    """A Lightning logger writing into ``run_dir`` (or ``False`` for ``none``). Inside a sweep the W&B run joins
+    the sweep's group (``WANDB_RUN_GROUP``, set per trial) instead of ``group``."""
     run_dir = Path(run_dir)
     if kind == "none":
         return False
@@ -49,7 +50,7 @@ def make_logger(
     return WandbLogger(
         project=project or os.environ.get("WANDB_PROJECT", "headlab"),
         name=name or run_dir.name,
-        group=group,
+        group=os.environ.get("WANDB_RUN_GROUP") or group,
         save_dir=str(run_dir),
         mode=wandb_mode(),
         config=to_plain(config or {}),

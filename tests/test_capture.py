@@ -175,4 +175,6 @@ def test_capture_in_half_precision_stays_close_to_float32(dtype):
     tokenizer = word_tokenizer(bos=True)
     ref = HeadCapture(model, tokenizer, store_dtype=torch.float32).run(TEXTS).activations
     half = HeadCapture(model.to(dtype), tokenizer, store_dtype=torch.float32).run(TEXTS).activations
-    assert abs(half - ref).max() < 0.05
+    # a few roundings of the format's precision relative to the largest output: float16 ~4e-4, bfloat16 ~3e-3
+    # (measured: 1.1e-4 and 6.8e-4 of a largest |z| of 0.22; the mean |z| is 0.04)
+    assert abs(half - ref).max() < 2 * torch.finfo(dtype).eps * abs(ref).max()

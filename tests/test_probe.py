@@ -176,7 +176,9 @@ def test_cli_probe_writes_the_contract_outputs(binary_cache, tmp_path):
     assert tensors["probe_weight"].shape == (LAYERS, HEADS, D, 1)
     assert tensors["mass_mean_direction"].shape == (LAYERS, HEADS, 1, D)
     assert json.loads(meta["layers"]) == [0, 1]
-    assert (out / "lightning_logs" / "metrics.csv").exists()
+    logged = pd.read_csv(out / "lightning_logs" / "metrics.csv")  # the CSV logger holds the summary's scalars
+    assert logged["max_accuracy"].dropna().iloc[-1] == pytest.approx(summary["max_accuracy"])
+    assert summary["max_accuracy"] == pytest.approx(heads["accuracy"].max())
 
 
 def test_saved_config_reloads_with_config_flag(binary_run):

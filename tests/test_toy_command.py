@@ -51,6 +51,26 @@ def test_toy_writes_the_run_directory_contract(run_dir):
     assert len(roles[roles["role"] == "induction"]) == 2 * 2  # every (layer, head)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["target"]["role"] == "induction" and metrics["steps"] == 20
+    # the files agree with each other: roles.csv holds the last tracked step's scores, the mean ablation of
+    # ablations.csv, the threshold rule, and metrics.json the last point of the evaluation curve
+    scores = pd.read_csv(run_dir / "scores.csv")
+    last = scores[scores["step"] == 20].set_index(["role", "layer", "head"])["score"]
+    indexed = roles.set_index(["role", "layer", "head"])
+    pd.testing.assert_series_equal(indexed["score"], last.loc[indexed.index], check_names=False, atol=1e-6)
+    ablations = pd.read_csv(run_dir / "ablations.csv")
+    assert set(ablations["ablation"]) == {"zero", "mean", "resample"} and len(ablations) == 3 * 2 * 2
+    mean = ablations[ablations["ablation"] == "mean"].set_index(["layer", "head"])["effect"]
+    for row in roles.itertuples():
+        assert row.ablation_effect == pytest.approx(mean[(row.layer, row.head)], abs=1e-6)
+        assert row.threshold == pytest.approx(row.null_mean + 3.0 * row.null_std)
+        assert row.detected == (row.score > row.threshold)
+    curve = pd.read_csv(run_dir / "eval_curve.csv")
+    assert curve["step"].iloc[-1] == 20 and curve["eval_loss"].iloc[-1] == pytest.approx(metrics["final_eval"]["loss"])
+    import matplotlib.image
+
+    for name in ("scores_over_steps.png", "loss.png", "role_map.png"):
+        height, width = matplotlib.image.imread(run_dir / name).shape[:2]
+        assert height > 100 and width > 100, name
 
 
 def test_tracked_steps_follow_the_log_plus_linear_schedule(run_dir):

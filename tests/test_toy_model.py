@@ -142,3 +142,54 @@ def test_group_ablation_equals_zeroing_all_heads_weights():
         model.blocks[0].attn.out_proj.weight[:, 4:8] = 0
         model.blocks[1].attn.out_proj.weight[:, 12:16] = 0
     assert joint == pytest.approx(float((sequence_loss(model(IDS).logits, batch["targets"]) - clean).mean()), abs=1e-5)
+
+
+def _manual_logits(model, ids, replace=None):
+    """The toy model's forward written out by hand (attention-only, learned positions, LayerNorm): embeddings, then
+    per layer ``z_h = softmax(q_h k_h^T / sqrt(d) + causal mask) v_h``, ``x += concat_h(z_h) W_O^T``. ``replace``
+    maps ``(layer, head)`` to a function ``z_clean [B, T, dh] -> z_new``. Returns logits and every clean z."""
+    n, t = ids.shape
+    x = model.embed(ids) + model.pos_embed(torch.arange(t))
+    zs = {}
+    for layer, block in enumerate(model.blocks):
+        a = block.attn
+        h_in = block.ln1(x)
+        q, k, v = (p(h_in).view(n, t, a.n_heads, a.d_head) for p in (a.q_proj, a.k_proj, a.v_proj))
+        logits = torch.einsum("bihd,bjhd->bhij", q, k) / a.d_head**0.5
+        logits = logits.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
+        z = torch.einsum("bhij,bjhd->bihd", logits.softmax(-1), v)  # [B, T, H, dh]
+        zs[layer] = z.clone()
+        for (rl, rh), fn in (replace or {}).items():
+            if rl == layer:
+                z[:, :, rh] = fn(z[:, :, rh])
+        x = x + z.reshape(n, t, -1) @ a.out_proj.weight.T
+    return model.lm_head(model.ln_f(x)), zs
+
+
+@pytest.mark.parametrize("kind", ["mean", "resample"])
+def test_mean_and_resample_ablation_match_a_hand_written_forward(kind):
+    model = _model()
+    ids = torch.randint(0, 20, (5, 12), generator=torch.Generator().manual_seed(1))
+    other_ids = torch.randint(0, 20, (5, 12), generator=torch.Generator().manual_seed(2))
+    batch = {"input_ids": ids, "targets": ids.roll(-1, dims=1)}
+    result = ablation_effects(model, batch, kind=kind, other_batch={"input_ids": other_ids})
+    with torch.no_grad():
+        clean_logits, clean_z = _manual_logits(model, ids)
+        _, other_z = _manual_logits(model, other_ids)
+        clean = sequence_loss(clean_logits, batch["targets"])
+        for layer in range(2):
+            for head in range(4):
+                if kind == "mean":  # the head's mean output over the batch, position by position
+                    mean = clean_z[layer][:, :, head].mean(0, keepdim=True)
+
+                    def fn(z, mean=mean):
+                        return mean.expand_as(z)
+                else:  # the head's output on another batch of the same task
+
+                    def fn(z, layer=layer, head=head):
+                        return other_z[layer][:, :, head]
+                ablated, _ = _manual_logits(model, ids, {(layer, head): fn})
+                diff = sequence_loss(ablated, batch["targets"]) - clean
+                assert float(result.effect[layer, head]) == pytest.approx(float(diff.mean()), abs=1e-5)
+                assert float(result.stderr[layer, head]) == pytest.approx(float(diff.std() / 5**0.5), abs=1e-5)
+    assert result.effect.abs().max() > 1e-3  # the ablations do something
