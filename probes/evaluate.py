@@ -10,12 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from headlab.statistics import benjamini_hochberg
 from probes.config import ControlConfig
 from probes.data import ProbeProblem
 from probes.mass_mean import MassMean
 from probes.metrics import (
     auroc_interval,
-    benjamini_hochberg,
     bootstrap_metric,
     bootstrap_weights,
     percentile_interval,

@@ -161,16 +161,6 @@ def permutation_pvalues(pred: np.ndarray, y: np.ndarray, kind: str, n_classes: i
     return (1 + exceed) / (1 + permutations)
 
 
-def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
-    """Benjamini-Hochberg (1995) adjusted p-values (false discovery rate over all heads)."""
-    order = np.argsort(p)
-    ranked = p[order] * len(p) / np.arange(1, len(p) + 1)
-    adjusted = np.minimum.accumulate(ranked[::-1])[::-1]
-    out = np.empty_like(adjusted)
-    out[order] = np.minimum(adjusted, 1)
-    return out
-
-
 def primary_metric(kind: str) -> str:
     return "r2" if kind == "regression" else "accuracy"
 

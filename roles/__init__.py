@@ -5,7 +5,7 @@ Importing the package registers every built-in detector (:mod:`roles.patterns`, 
 :data:`roles.registry.DETECTORS`.
 """
 
-from roles import ov, patterns  # noqa: F401  (registers the detectors)
+from roles import knowledge, ov, patterns  # noqa: F401  (registers the detectors)
 from roles.registry import DETECTORS, applicable, register, score_heads
 
 __all__ = ["DETECTORS", "applicable", "register", "score_heads"]

@@ -1,16 +1,19 @@
-"""Causal validation: ablate one head at a time and measure the change of the task's metric.
+"""Causal validation: ablate a head and measure the change of the task's metric.
 
 The metric is the task's loss: cross-entropy on its target positions (for induction: the repeated part).
-``effect[l, h] = loss(model with head (l, h) ablated) - loss(clean model)``; a positive effect means the head
-helps the task. Ablations go through headlab's hook point (never ``head_mask``, which recent transformers
-releases silently ignore):
+``effect[l, h] = loss(model with head (l, h) ablated) - loss(clean model)``, averaged over sequences, with its
+standard error over sequences; a positive effect means the head helps the task. Ablations go through headlab's hook
+point (never ``head_mask``, which recent transformers releases silently ignore):
 
 * ``zero``: ``z_h := 0``;
 * ``mean``: ``z_h :=`` its mean over the batch, per position;
 * ``resample``: ``z_h :=`` its value on another batch of the same task (Chan et al. 2022, causal scrubbing);
 * ``pattern_preserving=True`` (toy models): every head's attention pattern is frozen to its clean value while
-  the head is ablated, so the effect only flows through values and the residual stream, not through changed
-  attention of later heads.
+  the head is ablated, so the effect only flows through values and the residual stream.
+
+Exact ablation of a head in layer ``l`` reuses the clean run below it: the blocks before ``l`` return their cached
+clean outputs instead of recomputing them, so the cost is that of the layers from ``l`` on (the prefix is exact, not
+approximated). Models are run with their fast attention kernel (sdpa) when no pattern is needed.
 
 A head is *functional* when its effect exceeds that of ablating random heads (heads with no detected function)
 beyond noise (:func:`is_functional`).
@@ -18,8 +21,8 @@ beyond noise (:func:`is_functional`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,10 +31,11 @@ from torch import nn
 
 from data.tasks import Batch, sequence_loss
 from headlab.errors import HeadlabError
-from headlab.heads import HeadFn, head_sites, hook_heads
+from headlab.heads import HeadFn, HeadSite, head_sites, hook_heads
 from headlab.interventions import compose, mean_ablation, replace_heads, zero_ablation
 
 AblationKind = Literal["zero", "mean", "resample"]
+Head = tuple[int, int]
 
 
 def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -42,14 +46,20 @@ def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def capture_z(model: nn.Module, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
     """Every layer's head outputs ``z`` ``[batch, seq, heads, d_head]`` on ``input_ids``."""
+    return capture_run(model, input_ids)[0]
+
+
+@torch.no_grad()
+def capture_run(model: nn.Module, input_ids: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """One forward pass: every layer's head outputs ``z`` (as :func:`capture_z`) and the logits ``[B, T, V]``."""
     captured: dict[int, torch.Tensor] = {}
 
     def keep(layer: int, z: torch.Tensor) -> None:
         captured[layer] = z.detach().clone()
 
     with hook_heads(model, keep):
-        _logits(model, input_ids)
-    return captured
+        logits = _logits(model, input_ids)
+    return captured, logits
 
 
 @contextmanager
@@ -70,23 +80,93 @@ def freeze_patterns(model: nn.Module, patterns: tuple[torch.Tensor, ...]) -> Ite
             module.pattern_override = None
 
 
-def _ablation(kind: AblationKind, head: tuple[int, int], clean: dict, other: dict | None) -> HeadFn:
+@contextmanager
+def fast_attention(model: nn.Module) -> Iterator[None]:
+    """Run a Hugging Face model with sdpa attention inside the block (no patterns are needed), then restore it."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    switched = False
+    if before == "eager" and getattr(type(model), "_supports_sdpa", False):
+        try:
+            model.set_attn_implementation("sdpa")
+            switched = True
+        except (ValueError, ImportError):  # an architecture without sdpa support keeps eager
+            switched = False
+    try:
+        yield
+    finally:
+        if switched:
+            model.set_attn_implementation(before)
+
+
+def ablation_fn(kind: AblationKind, heads: Iterable[Head], clean: dict, other: dict | None) -> HeadFn:
+    """The hook function replacing ``heads``' outputs for ``kind`` (``clean``/``other``: captured ``z`` per layer)."""
+    heads = list(heads)
     if kind == "zero":
-        return zero_ablation([head])
+        return zero_ablation(heads)
     if kind == "mean":
-        return mean_ablation([head], {layer: z.mean(0) for layer, z in clean.items()})  # [seq, heads, d_head]
+        return mean_ablation(heads, {layer: z.mean(0) for layer, z in clean.items()})  # [seq, heads, d_head]
     if kind == "resample":
-        return replace_heads([head], other)
+        return replace_heads(heads, other)
     raise HeadlabError(f"unknown ablation '{kind}'; choose zero, mean or resample")
 
 
 @dataclass(frozen=True)
 class AblationResult:
-    """Per-head ablation effects ``[layer, head]`` (mean over sequences), their standard errors, the clean loss."""
+    """Per-head ablation effects ``[layer, head]`` (mean over sequences), their standard errors, the clean loss, and
+    how each effect was measured (``exact`` ``[layer, head]``: True for an exact ablation, False for the
+    attribution estimate of :mod:`roles.attribution`)."""
 
     effect: torch.Tensor
     stderr: torch.Tensor
     clean_loss: float
+    exact: torch.Tensor | None = None
+
+    def method(self, layer: int, head: int) -> str:
+        return "exact" if self.exact is None or bool(self.exact[layer, head]) else "attribution"
+
+
+def _block_of(model: nn.Module, site: HeadSite) -> nn.Module:
+    """The transformer block holding ``site``: its ancestor whose name ends in the layer index
+    (``model.layers.3`` for ``model.layers.3.self_attn.o_proj``)."""
+    parts = site.name.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        if parts[end - 1] == str(site.layer):
+            return model.get_submodule(".".join(parts[:end]))
+    raise HeadlabError(f"cannot find the block of {site.name}")
+
+
+class PrefixCache:
+    """The clean outputs of every block on one input, so that a run ablating layer ``l`` can skip blocks ``< l``.
+
+    Inside :meth:`from_layer`, each block before ``l`` returns its cached clean output without computing anything;
+    blocks from ``l`` on run as usual. Exact: the skipped blocks' inputs are unchanged by an edit at layer ``l``.
+    """
+
+    def __init__(self, model: nn.Module, sites: list[HeadSite]):
+        self.model, self.sites = model, sites
+        self.blocks = [_block_of(model, site) for site in sites]
+        self.outputs: list[object] = [None] * len(self.blocks)
+
+    def record(self) -> ExitStack:
+        """Hooks that keep every block's output during the next forward pass (the clean one)."""
+        stack = ExitStack()
+        for index, block in enumerate(self.blocks):
+            def keep(module, args, output, index=index):
+                self.outputs[index] = output
+            stack.callback(block.register_forward_hook(keep).remove)
+        return stack
+
+    @contextmanager
+    def from_layer(self, layer: int) -> Iterator[None]:
+        skipped = self.blocks[:layer]
+        try:
+            for block, output in zip(skipped, self.outputs):
+                block.forward = lambda *args, output=output, **kwargs: output  # instance attribute shadows the method
+            yield
+        finally:
+            for block in skipped:
+                block.__dict__.pop("forward", None)
 
 
 @torch.no_grad()
@@ -96,40 +176,44 @@ def ablation_effects(
     kind: AblationKind = "mean",
     other_batch: Batch | None = None,
     pattern_preserving: bool = False,
+    heads: Iterable[Head] | None = None,
 ) -> AblationResult:
-    """Effect of ablating each head alone: ``effect[l, h] = mean_b (loss_b(ablated) - loss_b(clean))`` with
+    """Exact effect of ablating each head alone: ``effect[l, h] = mean_b (loss_b(ablated) - loss_b(clean))`` with
     ``loss_b`` the cross-entropy over sequence ``b``'s target positions, and its standard error over sequences.
 
-    ``other_batch`` supplies the resampled head outputs for ``kind="resample"`` (default: the batch rolled by one
-    sequence, so every sequence gets another sequence's head outputs).
+    ``heads`` limits the ablations to those heads (the others get NaN); ``other_batch`` supplies the resampled head
+    outputs for ``kind="resample"`` (default: the batch rolled by one sequence).
     """
     was_training = model.training
     model.eval()
     try:
         ids, targets = batch["input_ids"], batch["targets"]
-        clean = sequence_loss(_logits(model, ids), targets)  # [B]
-        captured = capture_z(model, ids) if kind == "mean" else {}
-        other = None
-        if kind == "resample":
-            source = other_batch["input_ids"] if other_batch is not None else ids.roll(1, dims=0)
-            other = capture_z(model, source)
-        if pattern_preserving:
-            frozen = freeze_patterns(model, model(input_ids=ids, output_attentions=True).attentions)
-        else:
-            frozen = nullcontext()
         sites = head_sites(model)
-        effect = torch.zeros(len(sites), sites[0].n_heads)
-        stderr = torch.zeros_like(effect)
-        with frozen:
-            for site in sites:
-                for head in range(site.n_heads):
-                    with hook_heads(model, _ablation(kind, (site.layer, head), captured, other)):
+        prefix = PrefixCache(model, sites)
+        context = fast_attention(model) if not pattern_preserving else nullcontext()
+        with context:
+            with prefix.record():  # the clean run: head outputs, every block's output and the loss
+                captured, logits = capture_run(model, ids)
+            clean = sequence_loss(logits, targets)  # [B]
+            other = None
+            if kind == "resample":
+                other = capture_z(model, other_batch["input_ids"] if other_batch is not None else ids.roll(1, dims=0))
+            frozen = nullcontext()
+            if pattern_preserving:
+                frozen = freeze_patterns(model, model(input_ids=ids, output_attentions=True).attentions)
+            chosen = [(s.layer, h) for s in sites for h in range(s.n_heads)] if heads is None else list(heads)
+            effect = torch.full((len(sites), sites[0].n_heads), float("nan"))
+            stderr = effect.clone()
+            with frozen:
+                for layer, head in sorted(chosen):
+                    reuse = prefix.from_layer(layer) if not pattern_preserving else nullcontext()
+                    with reuse, hook_heads(model, ablation_fn(kind, [(layer, head)], captured, other), sites=sites):
                         diff = sequence_loss(_logits(model, ids), targets) - clean  # [B]
-                    effect[site.layer, head] = diff.mean()
-                    stderr[site.layer, head] = diff.std() / len(diff) ** 0.5
+                    effect[layer, head] = diff.mean()
+                    stderr[layer, head] = diff.std() / len(diff) ** 0.5
     finally:
         model.train(was_training)
-    return AblationResult(effect, stderr, float(clean.mean()))
+    return AblationResult(effect, stderr, float(clean.mean()), ~effect.isnan())
 
 
 def is_functional(
@@ -145,16 +229,18 @@ def is_functional(
     ``reference`` is the mean effect of ablating a random head, one with no detected function (see
     :func:`random_head_reference`): a detected head is functional when its ablation hurts the task more than that,
     by more than the sampling noise of its own effect and by at least ``min_effect`` nats (a floor for a loss
-    near 0, where the noise vanishes too). ``effect``, ``stderr``, ``detected``: ``[layer, head]``.
+    near 0, where the noise vanishes too). ``effect``, ``stderr``, ``detected``: ``[layer, head]``. A head whose
+    effect was not measured exactly (NaN standard error) is never functional.
     """
-    return detected & (effect - reference > (n_sigma * stderr).clamp_min(min_effect))
+    margin = (n_sigma * stderr).clamp_min(min_effect)
+    return detected & (effect - reference > margin) & ~stderr.isnan()
 
 
 @torch.no_grad()
 def group_effect(
     model: nn.Module,
     batch: Batch,
-    heads: list[tuple[int, int]],
+    heads: list[Head],
     kind: AblationKind = "mean",
     other_batch: Batch | None = None,
 ) -> float:
@@ -165,24 +251,26 @@ def group_effect(
     model.eval()
     try:
         ids, targets = batch["input_ids"], batch["targets"]
-        clean = sequence_loss(_logits(model, ids), targets)
-        captured = capture_z(model, ids) if kind == "mean" else {}
-        other = None
-        if kind == "resample":
-            other = capture_z(model, other_batch["input_ids"] if other_batch is not None else ids.roll(1, dims=0))
-        fns = [_ablation(kind, head, captured, other) for head in heads]
-        with hook_heads(model, compose(*fns)):
-            ablated = sequence_loss(_logits(model, ids), targets)
+        with fast_attention(model):
+            captured, logits = capture_run(model, ids)
+            clean = sequence_loss(logits, targets)
+            other = None
+            if kind == "resample":
+                other = capture_z(model, other_batch["input_ids"] if other_batch is not None else ids.roll(1, dims=0))
+            fns = [ablation_fn(kind, [head], captured, other) for head in heads]
+            with hook_heads(model, compose(*fns)):
+                ablated = sequence_loss(_logits(model, ids), targets)
     finally:
         model.train(was_training)
     return float((ablated - clean).mean())
 
 
 def random_head_reference(effect: torch.Tensor, detected_any: torch.Tensor) -> float:
-    """Mean ablation effect of the heads with no detected function (``detected_any`` false), 0 when there is none.
+    """Mean ablation effect of the heads with no detected function (``detected_any`` false) that were measured
+    (not NaN), 0 when there is none.
 
     Heads detected for another role are not random: in an induction circuit the previous-token heads of layer 0
     matter more, one by one, than each of several redundant induction heads, and must not set the bar for them.
     """
-    others = effect[~detected_any]
+    others = effect[~detected_any & ~effect.isnan()]
     return float(others.mean()) if others.numel() else 0.0

@@ -1,8 +1,9 @@
-"""``python train.py detect``: score every head of a saved toy model or any Hugging Face model on a task's batches.
+"""``python train.py detect``: map every head of a saved toy model or any Hugging Face model.
 
 The model loads through :func:`headlab.models.load_model` (eager attention; a toy run's ``model/`` folder or any
-Hugging Face model); the task is the one a toy model was trained on, or the one named. Outputs as in a toy run:
-``roles.csv``, ``ablations.csv``, ``metrics.json``, ``role_map.png``, ``config.yaml``.
+Hugging Face model). A toy model is mapped on its task's batches (:func:`roles.mapping.map_heads`), a Hugging Face
+model on real-text batches (:mod:`roles.real`). Outputs as in a toy run: ``roles.csv``, ``ablations.csv``,
+``metrics.json``, ``role_map.png``, ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from data.tasks import Task, make_task
 from headlab.errors import HeadlabError
 from headlab.models import load_model
 from headlab.runs import atomic_write_json, run_directory, save_config, to_plain
-from roles.mapping import DetectConfig, TargetSummary, map_heads, write_map
+from roles.mapping import Batches, DetectConfig, TargetSummary, map_heads, write_map
+from roles.real import REAL_TASKS, map_real_model
+from roles.table import RoleTable
 
 
 def _task_for(model: nn.Module, task: str, task_options: dict[str, Any] | None) -> Task:
@@ -51,19 +54,21 @@ def detect(
     task_options: dict[str, Any] | None = None,
     out: Path | None = None,
     detection: DetectConfig = DetectConfig(),  # noqa: B008
+    length: int = 64,
     revision: str | None = None,
     seed: int = 0,
 ) -> Path:
-    """Score every head of a saved toy model or Hugging Face causal LM: detectors, null thresholds, ablations.
+    """Map every head of a saved toy model or a Hugging Face model: detectors, controls, verdicts, the causal check.
 
     Args:
-        model: a save_pretrained directory (e.g. runs/toy/model), a Hugging Face hub id, or ``minilm``. Encoders
-            get detection only (they have no next-token loss to ablate).
-        task: the task whose batches the detectors and ablations use (induction works on any model).
-        task_options: the task's options; default: those the toy model was trained with, or for induction on a
-            Hugging Face model random tokens from its whole vocabulary.
+        model: a toy run's model/ folder, a save_pretrained directory, a Hugging Face hub id, ``smollm2`` (the
+            built-in SmolLM2-135M-Instruct) or ``minilm`` (the built-in encoder, detection only).
+        task: the task whose batches the detectors and ablations use: a toy model's task, or for a Hugging Face
+            model ``induction`` (repeated segments of ordinary tokens) or ``ioi`` (the built-in ioi prompts).
+        task_options: a toy task's options (default: those the toy model was trained with).
         out: output directory (default runs/detect/<model>-<task>).
-        detection: detectors, null thresholds and ablation.
+        detection: detection rule (floors, alpha), reported null, and the causal check.
+        length: tokens per sequence of a Hugging Face model's repeated-segment batch (capped by its context).
         revision: hub revision (branch, tag or commit) of a hub model.
         seed: seed of the detection and evaluation batches and of the null initialisations.
 
@@ -72,24 +77,40 @@ def detect(
     """
     started = time.perf_counter()
     loaded = load_model(model, head="auto", attn_implementation="eager", revision=revision, need_tokenizer=False)
-    net = loaded.model
-    the_task = _task_for(net, task, task_options)
-    ablate = loaded.kind == "causal_lm"
+    toy = loaded.model.config.model_type == "headlab_toy"
+    the_task = _task_for(loaded.model, task, task_options) if toy else None
     if out is None:
         out = Path("runs/detect") / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', str(model)).strip('_')}-{task}"
     out = Path(out)
     config = {"model": model, "task": task, "task_options": to_plain(task_options or {}), "out": str(out),
-              "detection": detection, "revision": revision, "seed": seed}
+              "detection": detection, "length": length, "revision": revision, "seed": seed}
+    if toy:
+        batches = Batches(the_task.detection_batch(detection.batch_size, seed + 1),
+                          the_task.batch(detection.eval_size(toy=True), seed + 2, the_task.eval_split),
+                          the_task.batch(detection.eval_size(toy=True), seed + 3, the_task.eval_split))
+        head_map, notes, role = map_heads(loaded.model, batches, the_task.role, detection, seed), [], the_task.role
+    else:
+        real = map_real_model(loaded, task, detection, length, seed)
+        head_map, notes, role = real.head_map, real.notes, REAL_TASKS[task]
+    target = TargetSummary.of(head_map, role, detection.min_effect)
+    ablation = head_map.ablations.get(detection.ablation)
+    clean = ablation.clean_loss if ablation else None
+    metrics = {"model": model, "task": task, "kind": loaded.kind, "target": target.as_dict(), "clean_loss": clean,
+               "detected": _counts(head_map.table, "detected"), "functional": _counts(head_map.table, "functional"),
+               "notes": notes, "seconds": time.perf_counter() - started}
     with run_directory(out, "detect"):
         save_config(out, config)
-        head_map = map_heads(net, the_task, detection, seed, ablate=ablate)
         write_map(out, head_map, f"{Path(str(model)).name} on {task}")
-        target = TargetSummary.of(head_map, the_task.role)
-        clean = head_map.ablations[detection.ablation].clean_loss if ablate else None
-        metrics = {"model": model, "task": task, "kind": loaded.kind, "target": target.as_dict(), "clean_loss": clean,
-                   "seconds": time.perf_counter() - started}
         atomic_write_json(out / "metrics.json", metrics)
-    last = (f"clean task loss {clean:.3f}" if ablate else "an encoder: detection only (no next-token loss)")
-    for line in [f"run: {out}", target.line(), f"{last}; {metrics['seconds']:.1f} s"]:
+    last = f"clean task loss {clean:.3f}" if ablation else "detection only"
+    lines = [f"run: {out}", target.line(), *notes, f"detected per role: {metrics['detected']}",
+             f"functional per role: {metrics['functional']}", f"{last}; {metrics['seconds']:.1f} s"]
+    for line in lines:
         print(line, flush=True)
     return out
+
+
+def _counts(table: RoleTable, column: str) -> dict[str, int]:
+    frame = table.frame
+    return {role: int(frame.loc[frame["role"] == role, column].fillna(False).astype(bool).sum())
+            for role in dict.fromkeys(frame["role"])}

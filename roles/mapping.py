@@ -1,12 +1,13 @@
-"""Mapping one model's heads on one task: detector scores, null thresholds, the three ablations and the role table.
+"""Mapping one model's heads on one task: detector evidence, verdicts, the causal check and the role table.
 
-:func:`map_heads` is the one path toy runs and ``detect`` share; :class:`TargetSummary` is what a run reports about
-the task's target role (its best head, the evidence, and whether the function *formed*).
+:func:`map_heads` is the one path toy runs, ``detect`` and ``stages`` share; :class:`TargetSummary` is what a run
+reports about the task's target role (its best head, the evidence, and whether the function *formed*: a single
+detected head passes the causal check, or the detected heads together beat random groups of the same size).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,45 +15,104 @@ import pandas as pd
 import torch
 from torch import nn
 
-from data.tasks import Task
-from headlab.errors import at_least
+from data.tasks import Batch
+from headlab.errors import at_least, require
 from headlab.runs import atomic_write_text
 from roles.ablation import AblationKind, AblationResult, ablation_effects, group_effect
+from roles.attribution import screen_and_confirm
+from roles.evidence import Evidence
 from roles.null import NullStats, null_distribution
 from roles.plots import plot_role_map
-from roles.registry import score_heads
+from roles.registry import measure_heads
+from roles.rule import PROPERTIES, apply_rule
 from roles.table import RoleTable
 
 
 @dataclass(frozen=True)
 class DetectConfig:
-    """How heads are scored, thresholded and causally checked."""
+    """How heads are scored, judged and causally checked (see :mod:`roles.rule`)."""
 
     batch_size: int = 32
-    """sequences in the fixed detection batch"""
-    n_null: int = 5
-    """random initialisations of the architecture forming each detector's null distribution"""
-    n_sigma: float = 3.0
-    """a head is detected when its score exceeds null_mean + n_sigma * null_std"""
+    """sequences in the fixed detection batch (the paired tests' samples)"""
+    alpha: float = 0.05
+    """false discovery rate of the Benjamini-Hochberg correction over every (layer, head, role) test"""
+    floors: dict[str, float] = field(default_factory=dict)
+    """effect-size floor overrides per role, e.g. '{"induction": 0.4}' (defaults: roles.rule.FLOORS)"""
+    n_null: int = 3
+    """random initialisations whose scores are reported beside each head (null_mean, null_std); 0 skips them"""
     ablation: AblationKind = "mean"
-    """ablation reported in roles.csv: zero, mean or resample (all three go to ablations.csv)"""
+    """ablation reported in roles.csv: zero, mean or resample (toy runs measure all three for ablations.csv)"""
     effect_sigma: float = 3.0
-    """a detected head is functional when its ablation effect exceeds the mean effect of the role's other heads by
+    """a detected head is functional when its ablation effect exceeds the mean effect of random heads by
     effect_sigma standard errors"""
     min_effect: float = 0.01
     """and by at least this many nats (a floor for tasks solved to ~0 loss)"""
     pattern_preserving: bool = False
     """freeze every attention pattern to its clean value while ablating (toy models only)"""
-    eval_batch_size: int = 128
-    """sequences used to measure ablation effects"""
+    eval_batch_size: int | None = None
+    """sequences used to measure ablation effects (their standard error shrinks as 1/sqrt of this); default 128 for
+    toy models, 32 for Hugging Face models (a 135M model's forward over 32 x 64 tokens takes ~5 s on 2 CPU cores)"""
+    exact_heads: int = 64
+    """models with at most this many heads are ablated exactly head by head; larger ones are screened by
+    attribution patching and confirmed exactly for the detected, the top_k and n_random random heads"""
+    top_k: int = 16
+    """heads with the largest attribution estimates confirmed by exact ablation"""
+    n_random: int = 8
+    """random undetected heads ablated exactly: the reference a functional head must beat"""
+    random_groups: int = 19
+    """random groups of the detected group's size, ablated together for the group criterion (p >= 1/(1+n))"""
+    group_batch_size: int = 16
+    """sequences of the evaluation batch used by the group criterion (a group's effect is large; 20 ablations of
+    the whole batch would dominate a real model's run)"""
+
+    def eval_size(self, toy: bool) -> int:
+        """The evaluation batch size: ``eval_batch_size``, or its default for toy or Hugging Face models."""
+        return self.eval_batch_size or (128 if toy else 32)
 
     def __post_init__(self) -> None:
-        at_least("detection.batch_size", self.batch_size, 1)
-        at_least("detection.n_null", self.n_null, 2)
-        at_least("detection.n_sigma", self.n_sigma, 0)
+        at_least("detection.batch_size", self.batch_size, 2)
+        require(0 < self.alpha < 1, f"--detection.alpha {self.alpha} is not between 0 and 1")
+        at_least("detection.n_null", self.n_null, 0)
+        if 0 < self.n_null < 2:
+            at_least("detection.n_null", self.n_null, 2)
         at_least("detection.effect_sigma", self.effect_sigma, 0)
         at_least("detection.min_effect", self.min_effect, 0)
-        at_least("detection.eval_batch_size", self.eval_batch_size, 2)
+        at_least("detection.eval_batch_size", self.eval_batch_size, 2, optional=True)
+        at_least("detection.exact_heads", self.exact_heads, 0)
+        at_least("detection.top_k", self.top_k, 0)
+        at_least("detection.n_random", self.n_random, 1)
+        at_least("detection.random_groups", self.random_groups, 1)
+        at_least("detection.group_batch_size", self.group_batch_size, 2)
+
+
+@dataclass
+class Batches:
+    """The fixed batches of a mapping: ``detect`` (detectors), ``eval`` (ablation), ``other`` (resampling)."""
+
+    detect: Batch
+    eval: Batch
+    other: Batch
+
+
+@dataclass
+class GroupCheck:
+    """The detected heads of one role ablated together, against random groups of the same size."""
+
+    heads: list[tuple[int, int]]
+    effect: float
+    random_effects: list[float]
+
+    @property
+    def p_value(self) -> float:
+        """``(1 + #{random groups hurting at least as much}) / (1 + #random groups)``."""
+        return (1 + sum(e >= self.effect for e in self.random_effects)) / (1 + len(self.random_effects))
+
+    @property
+    def reference(self) -> float:
+        return float(torch.tensor(self.random_effects).mean()) if self.random_effects else float("nan")
+
+    def functional(self, min_effect: float, alpha: float = 0.05) -> bool:
+        return len(self.heads) >= 2 and self.p_value <= alpha and self.effect - self.reference >= min_effect
 
 
 @dataclass
@@ -60,87 +120,135 @@ class HeadMap:
     """Result of mapping one model's heads on one task."""
 
     table: RoleTable
-    scores: dict[str, torch.Tensor]
+    evidence: dict[str, Evidence]
     null: dict[str, NullStats]
     ablations: dict[str, AblationResult]
-    group_effect: float  # ablating every head detected for the task's role at once
+    group: GroupCheck | None  # the target role's detected heads ablated together, against random groups
 
 
-def map_heads(
-    model: nn.Module,
-    task: Task,
-    cfg: DetectConfig,
-    seed: int,
-    scores: dict[str, torch.Tensor] | None = None,
-    null: dict[str, NullStats] | None = None,
-    emerged: dict[tuple[str, int, int], int] | None = None,
-    ablate: bool = True,
-) -> HeadMap:
-    """Detector scores, null statistics and all three ablations of every head of ``model`` on ``task`` (without
-    ``ablate``, detection only: an encoder has no next-token loss)."""
-    detect_batch = task.detection_batch(cfg.batch_size, seed + 1)
-    eval_batch = task.batch(cfg.eval_batch_size, seed + 2, task.eval_split)
-    other_batch = task.batch(cfg.eval_batch_size, seed + 3, task.eval_split)
+def map_heads(model: nn.Module, batches: Batches, role: str, cfg: DetectConfig, seed: int,
+              evidence: dict[str, Evidence] | None = None, null: dict[str, NullStats] | None = None,
+              emerged: dict[tuple[str, int, int], int] | None = None, ablate: bool = True,
+              names: list[str] | None = None, all_kinds: bool = False) -> HeadMap:
+    """Evidence, verdicts and the causal check of every head of ``model``; ``role`` is the task's target.
+
+    Without ``ablate``, detection only (an encoder has no next-token loss). ``all_kinds`` also measures the other
+    two ablation kinds exactly (toy runs write them to ``ablations.csv``).
+    """
     model.eval()
-    scores = scores if scores is not None else score_heads(model, detect_batch)
-    null = null if null is not None else null_distribution(model, detect_batch, n_models=cfg.n_null, seed=seed + 10_000)
-    ablations = {
-        kind: ablation_effects(model, eval_batch, kind, other_batch, pattern_preserving=cfg.pattern_preserving)
-        for kind in (("zero", "mean", "resample") if ablate else ())
-    }
-    table = RoleTable.build(scores, null, ablations.get(cfg.ablation), cfg.n_sigma, cfg.effect_sigma, emerged,
-                            cfg.min_effect)
-    detected = table.rows(task.role)
-    heads = [(int(r.layer), int(r.head)) for r in detected[detected["detected"]].itertuples()]
-    joint = group_effect(model, eval_batch, heads, cfg.ablation, other_batch) if ablate else float("nan")
-    return HeadMap(table, scores, null, ablations, joint)
+    evidence = evidence if evidence is not None else measure_heads(model, batches.detect, names)
+    if null is None and cfg.n_null:
+        null = null_distribution(model, batches.detect, list(evidence), n_models=cfg.n_null, seed=seed + 10_000)
+    d_head = _d_head(model)
+    verdicts = apply_rule(evidence, d_head, cfg.alpha, cfg.floors)
+    ablations: dict[str, AblationResult] = {}
+    group = None
+    if ablate:
+        detected = {(int(a), int(b)) for role, v in verdicts.items() if role not in PROPERTIES
+                    for a, b in v.detected.nonzero().tolist()}
+        ablations[cfg.ablation] = _effects(model, batches, cfg, sorted(detected), seed)
+        if all_kinds:
+            for kind in ("zero", "mean", "resample"):
+                if kind not in ablations:
+                    ablations[kind] = ablation_effects(model, batches.eval, kind, batches.other,
+                                                       pattern_preserving=cfg.pattern_preserving)
+        if role in verdicts:
+            group = group_check(model, batches, verdicts[role].detected, cfg, seed)
+    table = RoleTable.build(verdicts, ablations.get(cfg.ablation), null, emerged, cfg.effect_sigma, cfg.min_effect)
+    return HeadMap(table, evidence, null or {}, ablations, group)
+
+
+def _d_head(model: nn.Module) -> int:
+    from headlab.heads import head_sites
+
+    return head_sites(model)[0].d_head
+
+
+def _effects(model: nn.Module, batches: Batches, cfg: DetectConfig, detected: list[tuple[int, int]],
+             seed: int) -> AblationResult:
+    """Exact ablation of every head for small models; screen-and-confirm for larger ones."""
+    from headlab.heads import head_sites
+
+    sites = head_sites(model)
+    if len(sites) * sites[0].n_heads <= cfg.exact_heads:
+        return ablation_effects(model, batches.eval, cfg.ablation, batches.other,
+                                pattern_preserving=cfg.pattern_preserving)
+    return screen_and_confirm(model, batches.eval, cfg.ablation, detected, batches.other, cfg.top_k, cfg.n_random,
+                              seed)
+
+
+def group_check(model: nn.Module, batches: Batches, detected: torch.Tensor, cfg: DetectConfig,
+                seed: int) -> GroupCheck | None:
+    """Ablate the ``detected`` heads together and ``cfg.random_groups`` random groups of the same size, drawn from
+    the other heads (or from all heads when too few are left), on the first ``cfg.group_batch_size`` sequences.
+    None when fewer than two heads are detected."""
+    heads = [(int(a), int(b)) for a, b in detected.nonzero().tolist()]
+    if len(heads) < 2:
+        return None
+    everyone = [(a, b) for a in range(detected.shape[0]) for b in range(detected.shape[1])]
+    pool = [x for x in everyone if x not in heads]
+    if len(pool) < len(heads):
+        pool = everyone
+    generator = torch.Generator().manual_seed(seed + 77)
+    size = cfg.group_batch_size
+    evaluate = {k: v[:size] if torch.is_tensor(v) and v.ndim >= 2 else v for k, v in batches.eval.items()}
+    other = {k: v[:size] if torch.is_tensor(v) and v.ndim >= 2 else v for k, v in batches.other.items()}
+    effect = group_effect(model, evaluate, heads, cfg.ablation, other)
+    randoms = []
+    for _ in range(cfg.random_groups):
+        pick = torch.randperm(len(pool), generator=generator)[: len(heads)].tolist()
+        randoms.append(group_effect(model, evaluate, [pool[i] for i in pick], cfg.ablation, other))
+    return GroupCheck(heads, effect, randoms)
 
 
 @dataclass
 class TargetSummary:
-    """The task's target role in one run: its best (highest-scoring) head and the evidence for it."""
+    """The task's target role in one run: its best (highest-scoring) head, the evidence, and the verdict."""
 
     role: str
     scored: bool
-    formed: bool = False  # see :meth:`roles.table.RoleTable.formed`
+    formed: bool = False  # one functional head (layer >= 1 for induction), or the detected group beats random groups
     layer: int | None = None
     head: int | None = None
     score: float | None = None
+    floor: float | None = None
+    control: float | None = None
+    p_adjusted: float | None = None
     null_mean: float | None = None
-    null_std: float | None = None
-    threshold: float | None = None
     ablation_effect: float | None = None
     effect_stderr: float | None = None
-    n_detected: int = 0
-    group_ablation_effect: float | None = None
+    effect_method: str | None = None
     effect_reference: float | None = None
+    n_detected: int = 0
+    n_functional: int = 0
+    group_ablation_effect: float | None = None
+    group_reference: float | None = None
+    group_p_value: float | None = None
+    group_functional: bool = False
     emerged_step: int | None = None
     detected: bool = False
     functional: bool = False
     emerged_seconds: float | None = None
 
     @classmethod
-    def of(cls, head_map: HeadMap, role: str) -> TargetSummary:
+    def of(cls, head_map: HeadMap, role: str, min_effect: float = 0.01) -> TargetSummary:
         table = head_map.table
         row = table.best_head(role)
         if row is None:
             return cls(role, scored=False)
         rows = table.rows(role)
+        group = head_map.group
+        group_ok = bool(group is not None and group.functional(min_effect))
         return cls(
-            role=role,
-            scored=True,
-            formed=table.formed(role),
-            layer=int(row["layer"]),
-            head=int(row["head"]),
-            score=float(row["score"]),
-            null_mean=float(row["null_mean"]),
-            null_std=float(row["null_std"]),
-            threshold=float(row["threshold"]),
-            ablation_effect=float(row["ablation_effect"]),
-            effect_stderr=float(row["effect_stderr"]),
-            n_detected=int(rows["detected"].sum()),
-            group_ablation_effect=head_map.group_effect,
-            effect_reference=float(row["effect_reference"]),
+            role=role, scored=True, formed=table.formed(role) or group_ok,
+            layer=int(row["layer"]), head=int(row["head"]), score=float(row["score"]), floor=float(row["floor"]),
+            control=float(row["control"]), p_adjusted=float(row["p_adjusted"]), null_mean=_float(row["null_mean"]),
+            ablation_effect=_float(row["ablation_effect"]), effect_stderr=_float(row["effect_stderr"]),
+            effect_method=None if pd.isna(row["effect_method"]) else str(row["effect_method"]),
+            effect_reference=_float(row["effect_reference"]), n_detected=int(rows["detected"].sum()),
+            n_functional=len(table.functional_rows(role)),
+            group_ablation_effect=group.effect if group else None, group_reference=group.reference if group else None,
+            group_p_value=group.p_value if group else None, group_functional=group_ok,
             emerged_step=None if pd.isna(row["emerged_step"]) else int(row["emerged_step"]),
             detected=bool(row["detected"]),
             functional=bool(row["functional"]) if not pd.isna(row["functional"]) else False,
@@ -159,26 +267,29 @@ class TargetSummary:
         """One printed line with the verdict and its evidence."""
         if not self.scored:
             return f"target role {self.role}: not scored (the task's batch lacks its inputs)"
-        return (
-            f"target role {self.role}: best head L{self.layer}H{self.head} score {self.score:.3f} (null "
-            f"{self.null_mean:.3f} +- {self.null_std:.3f}, threshold {self.threshold:.3f}), ablation effect "
-            f"{self.ablation_effect:+.3f} +- {self.effect_stderr:.3f} nats "
-            f"(random heads {self.effect_reference:+.3f}), "
-            f"all {self.n_detected} detected heads ablated together {self.group_ablation_effect:+.3f}, "
-            f"emerged at step {self.emerged_step}, formed={self.formed}"
-        )
+        effect = "no causal check"
+        if self.ablation_effect is not None:
+            effect = (f"ablation effect {self.ablation_effect:+.3f} +- {self.effect_stderr:.3f} nats "
+                      f"({self.effect_method}; random heads {self.effect_reference:+.3f})")
+        group = ""
+        if self.group_ablation_effect is not None:
+            group = (f", its {self.n_detected} detected heads together {self.group_ablation_effect:+.3f} vs random "
+                     f"groups {self.group_reference:+.3f} (p={self.group_p_value:.2f})")
+        return (f"target role {self.role}: best head L{self.layer}H{self.head} score {self.score:.3f} (floor "
+                f"{self.floor:.2f}, control {self.control:.3f}, p_adj {self.p_adjusted:.2g}), {effect}{group}; "
+                f"detected {self.n_detected}, functional {self.n_functional}, emerged at step {self.emerged_step}, "
+                f"formed={self.formed}")
+
+
+def _float(value) -> float | None:
+    return None if pd.isna(value) else float(value)
 
 
 def ablation_frame(ablations: dict[str, AblationResult]) -> pd.DataFrame:
-    """``ablations.csv``: one row per (layer, head, ablation kind) with its effect and standard error."""
+    """``ablations.csv``: one row per (layer, head, ablation kind) with its effect, standard error and method."""
     rows = [
-        {
-            "layer": layer,
-            "head": head,
-            "ablation": kind,
-            "effect": float(result.effect[layer, head]),
-            "stderr": float(result.stderr[layer, head]),
-        }
+        {"layer": layer, "head": head, "ablation": kind, "effect": float(result.effect[layer, head]),
+         "stderr": float(result.stderr[layer, head]), "method": result.method(layer, head)}
         for kind, result in ablations.items()
         for layer in range(result.effect.shape[0])
         for head in range(result.effect.shape[1])
@@ -189,5 +300,6 @@ def ablation_frame(ablations: dict[str, AblationResult]) -> pd.DataFrame:
 def write_map(out: Path, head_map: HeadMap, title: str) -> None:
     """``roles.csv``, ``ablations.csv`` and ``role_map.png`` of a mapped model."""
     head_map.table.write(out / "roles.csv")
-    atomic_write_text(out / "ablations.csv", ablation_frame(head_map.ablations).to_csv(index=False))
+    if head_map.ablations:
+        atomic_write_text(out / "ablations.csv", ablation_frame(head_map.ablations).to_csv(index=False))
     plot_role_map(head_map.table, out / "role_map.png", title)

@@ -1,8 +1,20 @@
-"""Attention-pattern detectors: the share of attention each head puts on the keys a head function looks at.
+"""Attention-pattern detectors: how much of each head's attention goes to the keys a head function looks at, and
+how much to matched control keys (:mod:`roles.evidence`).
 
 Patterns are computed once per batch under eager attention and kept in ``batch["attentions"]``
-``[batch, layer, head, query, key]``; pass that key to score hand-built patterns. Every detector here is
-:func:`masked_attention` with its own mask.
+``[batch, layer, head, query, key]``; pass that key to score hand-built patterns. Keys count only when they come
+*before* the query (as in a causal model; encoders are scored the same way). Each detector's control:
+
+===================  =====================================  =====================================================
+detector             target key of query ``i``              control key (a similar distance, not a target)
+===================  =====================================  =====================================================
+previous_token       ``i - 1``                              ``i - 2``
+duplicate_token      earlier ``j`` with ``x_j = x_i``       ``j - 1``, the token before that occurrence
+induction            ``j`` with ``x_{j-1} = x_i``           ``j + 1``, the token after a non-matching position
+attention_sink       ``0`` (BOS / CLS / first token)        ``1``
+iteration            input bit ``x_t`` (``i - n``)          the bit before it
+operand_attention    ``a``, ``b`` from ``=``                ``=`` itself (for ``b``)
+===================  =====================================  =====================================================
 """
 
 from __future__ import annotations
@@ -12,6 +24,7 @@ from torch import nn
 
 from data.tasks import Batch
 from headlab.errors import HeadlabError
+from roles.evidence import Evidence, attention_evidence, masked_attention
 from roles.registry import register
 
 
@@ -51,98 +64,125 @@ def patterns_of(model: nn.Module | None, batch: Batch) -> torch.Tensor:
     return batch["attentions"]
 
 
-def masked_attention(patterns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean attention mass on the designated keys, over the queries that have any.
-
-    ``score[l, h] = mean_{(b, i): M_bi != {}} sum_{j in M_bi} A[b, l, h, i, j]``; ``patterns``
-    ``[batch, layer, head, query, key]``, ``mask`` bool ``[batch, query, key]``. Every attention detector below is
-    this function with its own mask.
-    """
-    mask = mask.to(patterns.dtype)[:, None, None]  # [B, 1, 1, T, T]
-    has_key = mask.sum(-1) > 0  # [B, 1, 1, T]
-    mass = (patterns * mask).sum(-1)  # [B, L, H, T]
-    n_queries = has_key.sum()
-    if n_queries == 0:
-        return torch.zeros(patterns.shape[1:3])
-    return (mass * has_key).sum(dim=(0, 3)) / n_queries
+def _grid(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Query and key indices ``[T, 1]``, ``[1, T]`` and the batch size."""
+    n, seq = batch["input_ids"].shape
+    return torch.arange(seq)[:, None], torch.arange(seq)[None, :], n
 
 
-def _causal_offsets(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    seq = input_ids.shape[1]
-    i = torch.arange(seq)[:, None]
-    j = torch.arange(seq)[None, :]
-    return i, j
+def _earlier(batch: Batch) -> torch.Tensor:
+    i, j, n = _grid(batch)
+    return (j < i).expand(n, -1, -1)
 
 
 @register("previous_token")
-def previous_token_score(model: nn.Module | None, batch: Batch) -> torch.Tensor:
+def previous_token(model: nn.Module | None, batch: Batch) -> Evidence:
     """Previous-token head: attention from each token to the one before it.
 
-    ``score = mean_{b, i >= 1} A[i, i - 1]``. Source: Olsson et al. 2022, "In-context learning and induction heads"
-    (previous-token heads are the first half of the induction circuit); Elhage et al. 2021.
+    ``score = mean_{b, i >= 1} A[i, i - 1]``; control key ``i - 2``. Source: Olsson et al. 2022, "In-context
+    learning and induction heads" (previous-token heads are the first half of the induction circuit).
     """
-    ids = batch["input_ids"]
-    i, j = _causal_offsets(ids)
-    return masked_attention(patterns_of(model, batch), (j == i - 1).expand(ids.shape[0], -1, -1))
+    i, j, n = _grid(batch)
+    return attention_evidence(patterns_of(model, batch), (j == i - 1).expand(n, -1, -1), -1, _earlier(batch))
 
 
 @register("duplicate_token")
-def duplicate_token_score(model: nn.Module | None, batch: Batch) -> torch.Tensor:
+def duplicate_token(model: nn.Module | None, batch: Batch) -> Evidence:
     """Duplicate-token head: attention from a token to its earlier occurrences.
 
-    ``score = mean_{(b, i): exists j < i, x_j = x_i} sum_{j < i, x_j = x_i} A[i, j]``. Source: Wang et al. 2022,
-    "Interpretability in the Wild" (IOI duplicate-token heads).
+    ``score = mean_{(b, i): exists j < i, x_j = x_i} sum_{j < i, x_j = x_i} A[i, j]``; control: the token before
+    each occurrence. Source: Wang et al. 2022, "Interpretability in the Wild" (IOI duplicate-token heads).
     """
     ids = batch["input_ids"]
-    i, j = _causal_offsets(ids)
     same = ids[:, :, None] == ids[:, None, :]  # [B, T, T]
-    return masked_attention(patterns_of(model, batch), same & (j < i))
+    return attention_evidence(patterns_of(model, batch), same & _earlier(batch), -1, _earlier(batch))
 
 
 @register("induction")
-def induction_score(model: nn.Module | None, batch: Batch) -> torch.Tensor:
+def induction(model: nn.Module | None, batch: Batch) -> Evidence:
     """Induction head, prefix-matching score: attention to the token that *followed* earlier occurrences.
 
-    ``score = mean_{(b, i): exists 1 <= j < i, x_{j-1} = x_i} sum_{1 <= j < i, x_{j-1} = x_i} A[i, j]``.
-    Source: Olsson et al. 2022, "In-context learning and induction heads", with its 2022 erratum (the key is
-    the token *after* the earlier occurrence, ``j - 1`` matches ``i``, not ``j`` itself).
+    ``score = mean_{(b, i): exists 1 <= j < i, x_{j-1} = x_i} sum_{1 <= j < i, x_{j-1} = x_i} A[i, j]``; control:
+    the token after the target (it follows a non-matching position). Source: Olsson et al. 2022, "In-context
+    learning and induction heads", with its 2022 erratum (the key is the token *after* the earlier occurrence).
     """
     ids = batch["input_ids"]
-    i, j = _causal_offsets(ids)
+    i, j, _ = _grid(batch)
     follows = torch.zeros(ids.shape[0], ids.shape[1], ids.shape[1], dtype=torch.bool)
     follows[:, :, 1:] = ids[:, :, None] == ids[:, None, :-1]  # [B, i, j]: x_{j-1} == x_i
-    return masked_attention(patterns_of(model, batch), follows & (j < i) & (j >= 1))
+    return attention_evidence(patterns_of(model, batch), follows & (j < i) & (j >= 1), 1, _earlier(batch))
 
 
 @register("attention_sink")
-def attention_sink_score(model: nn.Module | None, batch: Batch) -> torch.Tensor:
-    """Attention sink: attention to the first token.
+def attention_sink(model: nn.Module | None, batch: Batch) -> Evidence:
+    """Attention sink: attention to the first token (BOS, or CLS in an encoder).
 
-    ``score = mean_{b, i >= 1} A[i, 0]``. Source: Xiao et al. 2023, "Efficient Streaming Language Models with
-    Attention Sinks".
+    ``score = mean_{b, i >= 1} A[i, 0]``; control key ``1``. Source: Xiao et al. 2023, "Efficient Streaming
+    Language Models with Attention Sinks".
     """
-    ids = batch["input_ids"]
-    i, j = _causal_offsets(ids)
-    return masked_attention(patterns_of(model, batch), ((j == 0) & (i >= 1)).expand(ids.shape[0], -1, -1))
+    i, j, n = _grid(batch)
+    return attention_evidence(patterns_of(model, batch), ((j == 0) & (i >= 1)).expand(n, -1, -1), 1, _earlier(batch))
 
 
 @register("iteration", requires=("input_ids", "iteration_mask"))
-def iteration_score(model: nn.Module | None, batch: Batch) -> torch.Tensor:
+def iteration(model: nn.Module | None, batch: Batch) -> Evidence:
     """Iteration head: at the chain-of-thought step that produces ``s_t``, attention to the input bit ``x_t``.
 
     ``score = mean_{(b, i) CoT query} A[i, key(i)]`` with ``key(i) = i - n`` (the "diagonal" of the CoT-by-input
-    block; the task's ``iteration_mask``). Source: Cabannes et al. 2024, "Iteration Head: A Mechanistic Study of
-    Chain-of-Thought".
+    block; the task's ``iteration_mask``); control: the input bit before it. Source: Cabannes et al. 2024,
+    "Iteration Head: A Mechanistic Study of Chain-of-Thought".
     """
-    return masked_attention(patterns_of(model, batch), batch["iteration_mask"])
+    return attention_evidence(patterns_of(model, batch), batch["iteration_mask"], -1, _earlier(batch))
 
 
 @register("operand_attention", requires=("input_ids", "operand_mask"))
-def operand_attention_score(model: nn.Module | None, batch: Batch) -> torch.Tensor:
+def operand_attention(model: nn.Module | None, batch: Batch) -> Evidence:
     """Operand attention: attention from ``=`` to the operands ``a`` and ``b`` in ``a b =``.
 
-    ``score = mean_b (A[=, a] + A[=, b])`` (the task's ``operand_mask``). Source: Nanda et al. 2023, "Progress
-    measures for grokking via mechanistic interpretability" (the heads read both operands from ``=``).
+    ``score = mean_b (A[=, a] + A[=, b])`` (the task's ``operand_mask``); control: ``=`` itself. Source: Nanda et
+    al. 2023, "Progress measures for grokking via mechanistic interpretability".
     """
-    return masked_attention(patterns_of(model, batch), batch["operand_mask"])
+    i, j, n = _grid(batch)
+    return attention_evidence(patterns_of(model, batch), batch["operand_mask"], 1, (j <= i).expand(n, -1, -1))
 
+
+def previous_token_score(model: nn.Module | None, batch: Batch) -> torch.Tensor:
+    return previous_token(model, batch).score
+
+
+def duplicate_token_score(model: nn.Module | None, batch: Batch) -> torch.Tensor:
+    return duplicate_token(model, batch).score
+
+
+def induction_score(model: nn.Module | None, batch: Batch) -> torch.Tensor:
+    return induction(model, batch).score
+
+
+def attention_sink_score(model: nn.Module | None, batch: Batch) -> torch.Tensor:
+    return attention_sink(model, batch).score
+
+
+
+@register("name_mover", requires=("input_ids", "io_mask", "s_mask"))
+def name_mover(model: nn.Module | None, batch: Batch) -> Evidence:
+    """Name mover, attention half: from the final position, attention to the indirect object (IO) name.
+
+    ``score = mean_b A[END, IO]``; control: the mean attention per subject (S) name token, scaled to the IO's
+    token count. ``io_mask`` and ``s_mask`` ``[batch, seq]`` mark the names' tokens. A name mover also copies the
+    name it attends to: its verdict needs the ``name_copy`` score as well (:mod:`roles.rule`). Source: Wang et al.
+    2022, "Interpretability in the Wild" (name movers attend to the IO and copy it; S-inhibition heads keep them
+    off the subject).
+    """
+    patterns = patterns_of(model, batch)
+    n, seq = batch["input_ids"].shape
+    final = torch.zeros(n, seq, seq, dtype=torch.bool)
+    final[:, -1] = True  # the query is the final position
+    io = final & batch["io_mask"][:, None, :]
+    last = patterns[:, :, :, -1].to(torch.float64)  # [B, L, H, keys]
+    t = (last * batch["io_mask"][:, None, None]).sum(-1)
+    per_key = batch["io_mask"].sum(-1) / batch["s_mask"].sum(-1).clamp_min(1)  # [B]
+    c = (last * batch["s_mask"][:, None, None]).sum(-1) * per_key[:, None, None]
+    has = (batch["io_mask"].any(-1) & batch["s_mask"].any(-1))[:, None, None]
+    differences = torch.where(has, t - c, torch.nan)
+    control = (c * has).sum(0) / has.sum().clamp_min(1)
+    return Evidence(masked_attention(patterns, io), control.float(), differences.float())

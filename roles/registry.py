@@ -1,5 +1,6 @@
-"""The detector registry: head-function detectors are plain functions ``(model, batch) -> scores [layer, head]``,
-registered by name with the batch keys they read.
+"""The detector registry: head-function detectors are plain functions ``(model, batch) -> Evidence`` (a score, a
+matched control and per-sample differences, :mod:`roles.evidence`), registered by name with the batch keys they
+read.
 
 They work on toy models and on Hugging Face models alike. Attention-pattern detectors (:mod:`roles.patterns`) read
 the patterns of ``batch["input_ids"]``; weight detectors (:mod:`roles.ov`) read the OV circuit. A task's batches
@@ -16,8 +17,9 @@ from torch import nn
 
 from data.tasks import Batch
 from headlab.errors import HeadlabError
+from roles.evidence import Evidence
 
-Detector = Callable[[nn.Module | None, Batch], torch.Tensor]  # -> scores [layer, head]
+Detector = Callable[[nn.Module | None, Batch], Evidence]  # -> scores, controls [layer, head]
 
 DETECTORS: dict[str, Detector] = {}
 REQUIRES: dict[str, tuple[str, ...]] = {}
@@ -47,7 +49,12 @@ def applicable(batch: Mapping[str, object], names: Iterable[str] | None = None) 
 
 
 @torch.no_grad()
-def score_heads(model: nn.Module, batch: Batch, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """Scores ``[layer, head]`` of every applicable detector; attention patterns are computed once."""
+def measure_heads(model: nn.Module, batch: Batch, names: Iterable[str] | None = None) -> dict[str, Evidence]:
+    """The evidence of every applicable detector; attention patterns are computed once."""
     work = {k: v for k, v in batch.items() if k != "attentions"}  # fresh patterns for this model
-    return {name: DETECTORS[name](model, work).cpu() for name in applicable(batch, names)}
+    return {name: DETECTORS[name](model, work) for name in applicable(batch, names)}
+
+
+def score_heads(model: nn.Module, batch: Batch, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Scores ``[layer, head]`` of every applicable detector (the effect sizes of :func:`measure_heads`)."""
+    return {name: evidence.score for name, evidence in measure_heads(model, batch, names).items()}

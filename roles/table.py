@@ -1,18 +1,28 @@
-"""The role table: every (layer, head, role) with its score, null statistics, ablation effect and emergence step.
+"""The role table: every (layer, head, role) with the evidence for and against the role, and the verdicts.
 
-Columns: ``layer, head, role, score, null_mean, null_std, ablation_effect, emerged_step`` (the contract), then
-``threshold`` (``null_mean + n_sigma * null_std``), ``detected`` (score above threshold), ``effect_stderr``,
-``effect_reference`` (mean effect of ablating the heads with no detected function) and ``functional`` (detected
-*and* ablation effect above the reference by more than ``effect_sigma`` standard errors, see
-:func:`roles.ablation.is_functional`). A function label counts only with the causal check beside it.
+Columns (``roles.csv``):
 
-:class:`RoleTable` owns the file ``roles.csv``: it writes it and reads it back with its column types (booleans stay
-booleans, a missing emergence step stays missing), and re-thresholds a table at another ``n_sigma`` with the same
-rule (:meth:`roles.null.NullStats.threshold`) that made it.
+* ``layer, head, role``;
+* ``score`` (the detector's effect size), ``floor`` (the role's effect-size floor), ``control`` (the same statistic
+  on matched control keys or tokens), ``p_value`` and ``p_adjusted`` (the one-sided paired test of score over
+  control, Benjamini-Hochberg corrected over every test of the run): see :mod:`roles.rule`;
+* ``detected``: ``score >= floor`` and ``p_adjusted < alpha``;
+* ``ablation_effect`` ± ``effect_stderr`` (change of the task loss when the head is ablated, over sequences),
+  ``effect_method`` (``exact``, or ``attribution`` for a first-order estimate, :mod:`roles.attribution`),
+  ``effect_reference`` (mean exact effect of heads with no detected function);
+* ``functional``: detected, measured exactly, and its effect above the reference beyond noise
+  (:func:`roles.ablation.is_functional`); empty where no causal check was run (encoders);
+* ``null_mean``, ``null_std``: the detector on randomly initialised copies of the architecture (reported: how far
+  training moved the head from an untrained one; not part of the verdict);
+* ``emerged_step``: the first tracked training step from which the head stays detected (toy runs).
+
+:class:`RoleTable` owns the file: it writes it and reads it back with its column types, and refuses, with a clear
+error, tables written by older headlab versions, whose verdicts used the random-initialisation null as threshold.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,25 +33,20 @@ from headlab.errors import HeadlabError
 from headlab.runs import atomic_write_text
 from roles.ablation import AblationResult, is_functional, random_head_reference
 from roles.null import NullStats
+from roles.rule import Verdict
 
-COLUMNS = ["layer", "head", "role", "score", "null_mean", "null_std", "ablation_effect", "emerged_step"]
-EXTRA_COLUMNS = ["threshold", "detected", "effect_stderr", "effect_reference", "functional"]
+COLUMNS = ["layer", "head", "role", "score", "floor", "control", "p_value", "p_adjusted", "detected",
+           "ablation_effect", "effect_stderr", "effect_method", "effect_reference", "functional", "null_mean",
+           "null_std", "emerged_step"]
 DTYPES = {
-    "layer": "int64",
-    "head": "int64",
-    "role": "object",
-    "score": "float64",
-    "null_mean": "float64",
-    "null_std": "float64",
-    "ablation_effect": "float64",
-    "emerged_step": "Int64",
-    "threshold": "float64",
-    "detected": "bool",
-    "effect_stderr": "float64",
+    "layer": "int64", "head": "int64", "role": "object", "score": "float64", "floor": "float64",
+    "control": "float64", "p_value": "float64", "p_adjusted": "float64", "detected": "bool",
+    "ablation_effect": "float64", "effect_stderr": "float64", "effect_method": "object",
     "effect_reference": "float64",
     "functional": "boolean",  # missing (NA) where no causal check was run (encoders, --ablate false)
+    "null_mean": "float64", "null_std": "float64", "emerged_step": "Int64",
 }
-REQUIRED = ("layer", "head", "role", "score", "null_mean", "null_std", "detected")
+REQUIRED = ("layer", "head", "role", "score", "floor", "control", "p_adjusted", "detected")
 
 
 @dataclass
@@ -53,56 +58,50 @@ class RoleTable:
     @classmethod
     def build(
         cls,
-        scores: dict[str, torch.Tensor],
-        null: dict[str, NullStats],
-        ablation: AblationResult | None,
-        n_sigma: float,
+        verdicts: Mapping[str, Verdict],
+        ablation: AblationResult | None = None,
+        null: Mapping[str, NullStats] | None = None,
+        emerged: Mapping[tuple[str, int, int], int] | None = None,
         effect_sigma: float = 3.0,
-        emerged: dict[tuple[str, int, int], int] | None = None,
         min_effect: float = 0.01,
     ) -> RoleTable:
-        """The table of every role that has a null distribution; without ``ablation``, detection only."""
-        emerged = emerged or {}
-        roles = [role for role in scores if role in null]
-        detected_by_role = {role: scores[role] > null[role].threshold(n_sigma) for role in roles}
-        functional_by_role: dict[str, torch.Tensor] = {}
-        reference = None
+        """The table of every role in ``verdicts``; without ``ablation``, detection only."""
+        emerged, null = emerged or {}, null or {}
+        functional: dict[str, torch.Tensor] = {}
+        reference = float("nan")
         if ablation is not None:
             detected_any = torch.zeros_like(ablation.effect, dtype=torch.bool)
-            for detected in detected_by_role.values():
-                detected_any |= detected
-            reference = random_head_reference(ablation.effect, detected_any)
-            functional_by_role = {
-                role: is_functional(ablation.effect, ablation.stderr, detected, reference, effect_sigma, min_effect)
-                for role, detected in detected_by_role.items()
-            }
+            for verdict in verdicts.values():
+                detected_any |= verdict.detected
+            exact = ablation.exact if ablation.exact is not None else torch.ones_like(detected_any)
+            reference = random_head_reference(torch.where(exact, ablation.effect, torch.nan), detected_any)
+            for role, verdict in verdicts.items():
+                functional[role] = is_functional(ablation.effect, ablation.stderr, verdict.detected, reference,
+                                                 effect_sigma, min_effect) & exact
         rows = []
-        for role in roles:
-            values, stats, detected = scores[role], null[role], detected_by_role[role]
-            for layer in range(values.shape[0]):
-                for head in range(values.shape[1]):
-                    rows.append(
-                        {
-                            "layer": layer,
-                            "head": head,
-                            "role": role,
-                            "score": float(values[layer, head]),
-                            "null_mean": stats.mean,
-                            "null_std": stats.std,
-                            "ablation_effect": float(ablation.effect[layer, head]) if ablation else float("nan"),
-                            "emerged_step": emerged.get((role, layer, head)),
-                            "threshold": stats.threshold(n_sigma),
-                            "detected": bool(detected[layer, head]),
-                            "effect_stderr": float(ablation.stderr[layer, head]) if ablation else float("nan"),
-                            "effect_reference": reference if reference is not None else float("nan"),
-                            "functional": bool(functional_by_role[role][layer, head]) if ablation else pd.NA,
-                        }
-                    )
-        return cls(_typed(pd.DataFrame(rows, columns=[*COLUMNS, *EXTRA_COLUMNS])))
+        for role, v in verdicts.items():
+            stats = null.get(role)
+            for layer in range(v.score.shape[0]):
+                for head in range(v.score.shape[1]):
+                    rows.append({
+                        "layer": layer, "head": head, "role": role, "score": float(v.score[layer, head]),
+                        "floor": v.floor, "control": float(v.control[layer, head]),
+                        "p_value": float(v.p_value[layer, head]), "p_adjusted": float(v.p_adjusted[layer, head]),
+                        "detected": bool(v.detected[layer, head]),
+                        "ablation_effect": float(ablation.effect[layer, head]) if ablation else float("nan"),
+                        "effect_stderr": float(ablation.stderr[layer, head]) if ablation else float("nan"),
+                        "effect_method": ablation.method(layer, head) if ablation else None,
+                        "effect_reference": reference,
+                        "functional": bool(functional[role][layer, head]) if ablation else pd.NA,
+                        "null_mean": stats.mean if stats else float("nan"),
+                        "null_std": stats.std if stats else float("nan"),
+                        "emerged_step": emerged.get((role, layer, head)),
+                    })
+        return cls(_typed(pd.DataFrame(rows, columns=COLUMNS)))
 
     @classmethod
     def read(cls, path: str | Path) -> RoleTable:
-        """``roles.csv`` with its column types; a one-line error for a missing, empty or foreign file."""
+        """``roles.csv`` with its column types; a one-line error for a missing, empty, foreign or old file."""
         path = Path(path)
         if not path.exists():
             raise HeadlabError(f"{path} does not exist; pass a run directory written by `train.py toy` or `detect`")
@@ -111,6 +110,9 @@ class RoleTable:
         except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
             raise HeadlabError(f"{path} is not a role table ({type(error).__name__}); rerun the toy or detect run "
                                "that wrote it") from error
+        if {"threshold", "null_mean"} <= set(frame.columns) and "p_adjusted" not in frame.columns:
+            raise HeadlabError(f"{path} was written by an older headlab whose verdicts used a random-initialisation "
+                               "null as threshold (no floor, control or p columns); rerun that toy or detect run")
         missing = [c for c in REQUIRED if c not in frame.columns]
         if missing or frame.empty:
             what = f"lacks column(s) {', '.join(missing)}" if missing else "has no rows"
@@ -124,18 +126,6 @@ class RoleTable:
     def write(self, path: str | Path) -> Path:
         atomic_write_text(path, self.frame.to_csv(index=False))
         return Path(path)
-
-    def rethresholded(self, n_sigma: float) -> RoleTable:
-        """The same scores thresholded at ``null_mean + n_sigma * null_std``; ``functional`` stays true only for
-        heads still detected (the ablation check itself is not re-run)."""
-        frame = self.frame.copy()
-        frame["threshold"] = [
-            NullStats(mean, std, 0).threshold(n_sigma) for mean, std in zip(frame["null_mean"], frame["null_std"])
-        ]
-        frame["detected"] = frame["score"] > frame["threshold"]
-        if "functional" in frame:
-            frame["functional"] = frame["functional"] & frame["detected"]
-        return RoleTable(frame)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -157,9 +147,10 @@ class RoleTable:
         return rows.loc[rows["score"].idxmax()]
 
     def formed(self, role: str) -> bool:
-        """Did the task's target function form? Some head of ``role`` is detected and functional; for induction it
-        must sit in layer >= 1 (an induction head needs a previous-token head below it; a layer-0 "induction" score
-        comes from position, not from the circuit)."""
+        """Did the task's target function form in a single head? Some head of ``role`` is detected and functional;
+        for induction it must sit in layer >= 1 (an induction head needs a previous-token head below it; a layer-0
+        "induction" score comes from position, not from the circuit). See also the group criterion of
+        :class:`roles.mapping.TargetSummary`."""
         rows = self.functional_rows(role)
         if role == "induction":
             rows = rows[rows["layer"] >= 1]
@@ -167,12 +158,12 @@ class RoleTable:
 
     def head_roles(self) -> dict[tuple[int, int], str]:
         """``(layer, head) -> role`` for functional heads; a head with several functional roles gets the one whose
-        score is furthest above its null, in null standard deviations."""
+        score is furthest above its floor."""
         functional = self.frame[self.frame["functional"].fillna(False).astype(bool)].copy()
         if functional.empty:
             return {}
-        functional["z"] = (functional["score"] - functional["null_mean"]) / functional["null_std"].clip(lower=1e-9)
-        best = functional.sort_values("z", ascending=False).drop_duplicates(["layer", "head"])
+        functional["margin"] = functional["score"] - functional["floor"]
+        best = functional.sort_values("margin", ascending=False).drop_duplicates(["layer", "head"])
         return {(int(r.layer), int(r.head)): str(r.role) for r in best.itertuples()}
 
 

@@ -41,7 +41,7 @@ PERIODIC = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8]])  # every token repeats 4 pos
 
 
 def _scores(name: str, patterns: torch.Tensor, ids: torch.Tensor = PERIODIC, **extra) -> torch.Tensor:
-    return DETECTORS[name](None, {"input_ids": ids, "attentions": patterns, **extra})[0]
+    return DETECTORS[name](None, {"input_ids": ids, "attentions": patterns, **extra}).score[0]
 
 
 def test_previous_token_head_scores_one_and_uniform_head_scores_mean_of_one_over_i():

@@ -405,7 +405,7 @@ def test_regression_run_reports_r2(tmp_path):
 
 
 def test_damped_inverse_handles_a_singular_matrix():
-    from probes.newton import damped_inverse
+    from probes.objective import damped_inverse
 
     singular = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 1.0, 1.0]])
     inverse = damped_inverse(singular)

@@ -18,6 +18,7 @@ from roles.ablation import AblationResult
 from roles.batches import repeat_batch
 from roles.mapping import DetectConfig
 from roles.null import NullStats
+from roles.rule import PROPERTIES, Verdict
 from roles.stages.sources import load_toy_run, map_hf_model
 from roles.stages.statistics import depth_stats, ordering_test, relative_depth
 from roles.stages.taxonomy import STAGE_ORDER, STAGES, stage_table
@@ -27,18 +28,18 @@ from toymodels.modeling import ToyTransformerConfig
 FAST = DetectConfig(batch_size=8, n_null=2, eval_batch_size=8)
 
 
-def test_stage_table_covers_every_registered_detector():
-    assert set(STAGES) == set(DETECTORS)
+def test_every_detector_has_a_stage_or_is_a_property():
+    assert set(DETECTORS) <= set(STAGES) | set(PROPERTIES)
     assert set(STAGES.values()) <= set(STAGE_ORDER)
-    assert STAGES["previous_token"] == STAGES["duplicate_token"] == "ICI"
-    assert STAGES["induction"] == STAGES["successor"] == "LR"
-    assert STAGES["copying"] == STAGES["name_mover"] == "EP"
-    assert STAGES["attention_sink"] == "KR"
+    assert STAGES["previous_token"] == STAGES["duplicate_token"] == STAGES["name_mover"] == "ICI"  # the survey's table
+    assert STAGES["induction"] == STAGES["successor"] == STAGES["truthfulness"] == "LR"
+    assert STAGES["memory"] == "KR" and STAGES["amplification"] == "EP"
+    assert {"copying", "name_copy", "attention_sink"} == set(PROPERTIES) and not set(PROPERTIES) & set(STAGES)
 
 
 def test_stage_map_overrides_and_errors():
-    assert stage_table({"name_mover": "ici"})["name_mover"] == "ICI"
-    assert stage_table()["name_mover"] == "EP"  # the default is untouched
+    assert stage_table({"name_mover": "lr"})["name_mover"] == "LR"
+    assert stage_table()["name_mover"] == "ICI"  # the default is untouched
     with pytest.raises(HeadlabError, match=r"unknown stage 'XX'.*KR \(Knowledge Recalling\), ICI"):
         stage_table({"induction": "XX"})
     with pytest.raises(HeadlabError, match=r"unknown role 'nope'.*previous_token"):
@@ -93,15 +94,17 @@ def test_ordering_known_answers():
 
 
 def _write_toy_run(run_dir, detected: dict[str, list[tuple[int, int]]], n_layers=2, n_heads=2):
-    roles = ["previous_token", "duplicate_token", "induction", "attention_sink", "copying"]
-    scores = {role: torch.full((n_layers, n_heads), 0.1) for role in roles}
-    for role, heads in detected.items():
-        for layer, head in heads:
-            scores[role][layer, head] = 0.9
-    null = {role: NullStats(0.1, 0.01, 20) for role in roles}
+    roles = ["previous_token", "duplicate_token", "induction", "memory", "amplification", "copying"]
+    verdicts = {}
+    for role in roles:
+        hit = torch.zeros(n_layers, n_heads, dtype=torch.bool)
+        for layer, head in detected.get(role, []):
+            hit[layer, head] = True
+        verdicts[role] = Verdict(torch.where(hit, 0.9, 0.1), torch.full(hit.shape, 0.05), 0.3,
+                                 torch.where(hit, 1e-6, 0.5), torch.where(hit, 1e-5, 0.9), hit)
     effect = torch.zeros(n_layers, n_heads)
     ablation = AblationResult(effect, torch.full_like(effect, 0.01), 1.0)
-    table = RoleTable.build(scores, null, ablation, 3.0, 3.0).frame
+    table = RoleTable.build(verdicts, ablation, {role: NullStats(0.1, 0.01, 20) for role in roles}).frame
     run_dir.mkdir(parents=True)
     table.to_csv(run_dir / "roles.csv", index=False)
     config = ToyTransformerConfig(
@@ -116,8 +119,9 @@ def _write_toy_run(run_dir, detected: dict[str, list[tuple[int, int]]], n_layers
     return run_dir
 
 
-SHALLOW_TO_DEEP = {"attention_sink": [(0, 1)], "previous_token": [(0, 0)], "induction": [(1, 1)], "copying": [(1, 0)]}
-DEEP_TO_SHALLOW = {"attention_sink": [(1, 1)], "previous_token": [(1, 0)], "induction": [(0, 0)], "copying": [(0, 1)]}
+SHALLOW_TO_DEEP = {"memory": [(0, 1)], "previous_token": [(0, 0)], "induction": [(1, 1)], "amplification": [(1, 0)],
+                   "copying": [(0, 0)]}
+DEEP_TO_SHALLOW = {"memory": [(1, 1)], "previous_token": [(1, 0)], "induction": [(0, 0)], "amplification": [(0, 1)]}
 
 
 @pytest.fixture(scope="module")
@@ -207,12 +211,13 @@ def test_command_end_to_end_toy_seeds_and_a_causal_lm(tmp_path, tiny_gpt2_dir, c
         "role",
         "stage",
         "score",
-        "threshold",
+        "floor",
     ]
     seed0 = rows[rows["model"] == "toy:toy/seed-0"].set_index("role")
     assert len(seed0) == 4
     assert seed0.loc["induction", "relative_depth"] == 0.75 and seed0.loc["induction", "stage"] == "LR"
-    assert seed0.loc["attention_sink", "stage"] == "KR" and seed0.loc["copying", "stage"] == "EP"
+    assert seed0.loc["memory", "stage"] == "KR" and seed0.loc["amplification", "stage"] == "EP"
+    assert "copying" not in seed0.index  # a property, in no stage
     four = rows[rows["model"] == "toy:single"].set_index("role")
     assert four.loc["induction", "relative_depth"] == pytest.approx(2.5 / 4) and (four["n_layers"] == 4).all()
 
@@ -231,7 +236,7 @@ def test_command_end_to_end_toy_seeds_and_a_causal_lm(tmp_path, tiny_gpt2_dir, c
     group = summary["toy_groups"]["toy:toy"]
     assert group["n_seeds"] == 2 and group["fraction_holds"] == 0.5
     hf = by_name[tiny_gpt2_dir.name]
-    assert hf["kind"] == "causal_lm" and set(hf["scored_stages"]) == {"KR", "ICI", "LR", "EP"}
+    assert hf["kind"] == "causal_lm" and set(hf["scored_stages"]) == {"ICI", "LR"}
 
     lines = printed.strip().splitlines()
     assert any(line.startswith("stages: toy:toy/seed-0 ordering rho=0.894") for line in lines)
@@ -253,15 +258,17 @@ def test_glob_patterns_are_expanded(tmp_path, capsys):
 def test_hf_path_encoder_and_causal_lm(tiny_gpt2_dir, tiny_bert_dir):
     gpt2 = map_hf_model(str(tiny_gpt2_dir), FAST, length=32, seed=0)
     assert gpt2.kind == "causal_lm" and (gpt2.n_layers, gpt2.n_heads) == (2, 4)
-    roles = {"previous_token", "duplicate_token", "induction", "attention_sink", "copying"}
-    assert set(gpt2.table.frame["role"]) == roles
-    assert len(gpt2.table.frame) == 5 * 2 * 4 and gpt2.table.frame["functional"].dtype == bool
+    roles = {"previous_token", "duplicate_token", "induction", "attention_sink", "name_mover", "copying", "name_copy"}
+    assert set(gpt2.table.frame["role"]) == roles  # the word tokenizer has no ordinals: no successor detector
+    assert any("successor detector skipped" in note for note in gpt2.notes)
+    assert len(gpt2.table.frame) == 7 * 2 * 4 and gpt2.table.frame["functional"].dtype == bool
 
     bert = map_hf_model(str(tiny_bert_dir), FAST, length=32, seed=0)
     assert bert.kind == "encoder" and (bert.n_layers, bert.n_heads) == (2, 4)
     assert set(bert.table.frame["role"]) == {"previous_token", "duplicate_token", "induction", "attention_sink"}
     assert bert.table.frame["functional"].isna().all()
     assert any("no ablation" in note for note in bert.notes)
+    assert any("OV detectors (copying, successor, name copying) skipped" in note for note in bert.notes)
     rows = bert.detected_rows(STAGES)
     assert rows["relative_depth"].isin([0.25, 0.75]).all()
 
@@ -316,7 +323,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     assert "cannot load model 'no-such-org/no-such-model'" in err
     err = _error(["stages", "--toy_runs+", str(tmp_path / "nothing-*"), *out], capsys)
     assert "matches nothing" in err
-    err = _error(["stages", "--toy_runs+", str(broken), "--stage_map", '{"copying": "late"}', *out], capsys)
+    err = _error(["stages", "--toy_runs+", str(broken), "--stage_map", '{"induction": "late"}', *out], capsys)
     assert "valid stages: KR" in err
     odd = _write_toy_run(tmp_path / "odd", SHALLOW_TO_DEEP)
     table = pd.read_csv(odd / "roles.csv")
@@ -343,11 +350,14 @@ def test_minilm_is_scored_as_an_encoder_without_special_tokens():
     assert all(any(math.isclose(d, (layer + 0.5) / 6) for layer in range(6)) for d in depths)
 
 
-def test_toy_runs_are_rethresholded_with_the_same_n_sigma(tmp_path):
+def test_toy_runs_keep_their_verdicts_and_old_tables_are_refused(tmp_path, capsys):
     run = _write_toy_run(tmp_path / "run", SHALLOW_TO_DEEP)
     as_is = load_toy_run(run)
-    assert as_is.table.frame["detected"].sum() == 4 and (as_is.n_layers, as_is.n_heads) == (2, 2)
-    assert load_toy_run(run, n_sigma=3.0).table.frame["detected"].sum() == 4  # threshold 0.13 < 0.9
-    strict = load_toy_run(run, n_sigma=100.0)  # threshold 0.1 + 100 * 0.01 = 1.1
-    assert not strict.table.frame["detected"].any() and not strict.table.frame["functional"].any()
-    assert strict.table.frame["threshold"].iloc[0] == pytest.approx(1.1)
+    assert as_is.table.frame["detected"].sum() == 5 and (as_is.n_layers, as_is.n_heads) == (2, 2)
+    old = tmp_path / "old"
+    _write_toy_run(old, SHALLOW_TO_DEEP)
+    table = pd.read_csv(old / "roles.csv").drop(columns=["floor", "control", "p_value", "p_adjusted"])
+    table["threshold"] = 0.13  # the random-initialisation null rule
+    table.to_csv(old / "roles.csv", index=False)
+    err = _error(["stages", "--toy_runs", f"[{old}]", "--out", str(tmp_path / "out")], capsys)
+    assert "written by an older headlab" in err and "rerun" in err

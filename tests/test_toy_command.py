@@ -52,7 +52,8 @@ def test_toy_writes_the_run_directory_contract(run_dir):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["target"]["role"] == "induction" and metrics["steps"] == 20
     # the files agree with each other: roles.csv holds the last tracked step's scores, the mean ablation of
-    # ablations.csv, the threshold rule, and metrics.json the last point of the evaluation curve
+    # ablations.csv, the detection rule (floor and BH-corrected control test), and metrics.json the last point of
+    # the evaluation curve
     scores = pd.read_csv(run_dir / "scores.csv")
     last = scores[scores["step"] == 20].set_index(["role", "layer", "head"])["score"]
     indexed = roles.set_index(["role", "layer", "head"])
@@ -62,8 +63,8 @@ def test_toy_writes_the_run_directory_contract(run_dir):
     mean = ablations[ablations["ablation"] == "mean"].set_index(["layer", "head"])["effect"]
     for row in roles.itertuples():
         assert row.ablation_effect == pytest.approx(mean[(row.layer, row.head)], abs=1e-6)
-        assert row.threshold == pytest.approx(row.null_mean + 3.0 * row.null_std)
-        assert row.detected == (row.score > row.threshold)
+        assert row.detected == (row.score >= row.floor and row.p_adjusted < 0.05)
+        assert row.p_adjusted >= row.p_value and row.effect_method == "exact"
     curve = pd.read_csv(run_dir / "eval_curve.csv")
     assert curve["step"].iloc[-1] == 20 and curve["eval_loss"].iloc[-1] == pytest.approx(metrics["final_eval"]["loss"])
     import matplotlib.image

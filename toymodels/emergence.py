@@ -1,9 +1,10 @@
-"""Emergence tracking: score every head during training and find when each role and the task's phase change appear.
+"""Emergence tracking: judge every head during training and find when each role and the task's phase change appear.
 
-:class:`EmergenceTracker` is a Lightning callback that, on a log-plus-linear step schedule, scores all heads with the
-detectors on a fixed detection batch and evaluates the task metric on a fixed evaluation batch; it logs both to the
-Trainer's logger (W&B or CSV). :func:`emerged_steps` gives the first step each (role, head) passes its null
-threshold; :func:`phase_change_step` the step of the task metric's phase change.
+:class:`EmergenceTracker` is a Lightning callback that, on a log-plus-linear step schedule, measures all heads with
+the detectors on a fixed detection batch, applies the detection rule of :mod:`roles.rule` (floor and corrected
+control test) and evaluates the task metric on a fixed evaluation batch; it logs both to the Trainer's logger (W&B
+or CSV). :func:`emerged_steps` gives the first step from which each (role, head) stays detected;
+:func:`phase_change_step` the step of the task metric's phase change.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import lightning.pytorch as pl
 import torch
 
 from data.tasks import Batch, target_accuracy, target_loss
-from roles.null import NullStats
-from roles.registry import score_heads
+from headlab.heads import head_sites
+from roles.registry import measure_heads
+from roles.rule import apply_rule
 
 
 def log_linear_schedule(max_steps: int, every: int) -> list[int]:
@@ -33,45 +35,45 @@ def log_linear_schedule(max_steps: int, every: int) -> list[int]:
 
 @dataclass
 class Snapshot:
-    """Everything measured at one step: the task metric and every detector's scores ``[layer, head]``."""
+    """Everything measured at one step: the task metric, every detector's scores and verdicts ``[layer, head]``."""
 
     step: int
     seconds: float
     eval_loss: float
     eval_accuracy: float
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    detected: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @torch.no_grad()
-def snapshot(model: torch.nn.Module, step: int, seconds: float, detect_batch: Batch, eval_batch: Batch) -> Snapshot:
+def snapshot(model: torch.nn.Module, step: int, seconds: float, detect_batch: Batch, eval_batch: Batch,
+             alpha: float = 0.05, floors: dict[str, float] | None = None) -> Snapshot:
     was_training = model.training
     model.eval()
     try:
         logits = model(input_ids=eval_batch["input_ids"]).logits
         loss = float(target_loss(logits, eval_batch["targets"]))
         accuracy = float(target_accuracy(logits, eval_batch["targets"]))
-        scores = score_heads(model, detect_batch)
+        evidence = measure_heads(model, detect_batch)
+        verdicts = apply_rule(evidence, head_sites(model)[0].d_head, alpha, floors)
     finally:
         model.train(was_training)
-    return Snapshot(step, seconds, loss, accuracy, scores)
+    return Snapshot(step, seconds, loss, accuracy, {r: e.score for r, e in evidence.items()},
+                    {r: v.detected for r, v in verdicts.items()})
 
 
 class EmergenceTracker(pl.Callback):
-    """Scores every head on ``schedule`` steps; ``history`` holds one :class:`Snapshot` per scored step.
+    """Measures and judges every head on ``schedule`` steps; ``history`` holds one :class:`Snapshot` per step.
 
-    ``thresholds`` (role -> score threshold) give the logged ``emergence/{role}_passing`` head counts.
+    ``alpha`` and ``floors`` are the detection rule's (:func:`roles.rule.apply_rule`); ``floor_of`` maps each role to
+    its floor for the plots. The logged ``emergence/{role}_detected`` counts the heads detected at each step.
     """
 
-    def __init__(
-        self,
-        detect_batch: Batch,
-        eval_batch: Batch,
-        schedule: list[int],
-        thresholds: dict[str, float] | None = None,
-    ) -> None:
+    def __init__(self, detect_batch: Batch, eval_batch: Batch, schedule: list[int], alpha: float = 0.05,
+                 floors: dict[str, float] | None = None) -> None:
         self.detect_batch, self.eval_batch = detect_batch, eval_batch
         self.schedule = set(schedule)
-        self.thresholds = thresholds or {}
+        self.alpha, self.floors = alpha, dict(floors or {})
         self.history: list[Snapshot] = []
         self._start = 0.0
 
@@ -85,14 +87,14 @@ class EmergenceTracker(pl.Callback):
         batches live on the CPU)."""
         if next(model.parameters()).device.type != "cpu":
             model = copy.deepcopy(model).cpu()
-        snap = snapshot(model, step, time.perf_counter() - self._start, self.detect_batch, self.eval_batch)
+        snap = snapshot(model, step, time.perf_counter() - self._start, self.detect_batch, self.eval_batch,
+                        self.alpha, self.floors)
         self.history.append(snap)
         if logger:
             metrics = {"eval/loss": snap.eval_loss, "eval/accuracy": snap.eval_accuracy}
             for role, scores in snap.scores.items():
                 metrics[f"emergence/{role}_max"] = float(scores.max())
-                if role in self.thresholds:
-                    metrics[f"emergence/{role}_passing"] = int((scores > self.thresholds[role]).sum())
+                metrics[f"emergence/{role}_detected"] = int(snap.detected[role].sum())
             logger.log_metrics({prefix + key: value for key, value in metrics.items()}, step=step)
         return snap
 
@@ -106,19 +108,17 @@ class EmergenceTracker(pl.Callback):
             self.measure(pl_module.model, step, trainer.logger)
 
 
-def emerged_steps(
-    history: list[Snapshot], null: dict[str, NullStats], n_sigma: float
-) -> dict[tuple[str, int, int], int]:
-    """``(role, layer, head) -> first step`` at which the head's score exceeded ``null_mean + n_sigma * null_std``
-    and stayed above it at every later snapshot (so a transient blip at initialisation does not count)."""
+def emerged_steps(history: list[Snapshot]) -> dict[tuple[str, int, int], int]:
+    """``(role, layer, head) -> first step`` from which the head is detected at every later snapshot (so a transient
+    blip at initialisation does not count); heads not detected at the last snapshot have none."""
     found: dict[tuple[str, int, int], int] = {}
-    for role, stats in null.items():
-        if not history or role not in history[-1].scores:
-            continue
-        above = torch.stack([snap.scores[role] > stats.threshold(n_sigma) for snap in history])  # [S, L, H]
-        steps = [snap.step for snap in history]
-        for layer, head in above[-1].nonzero().tolist():
-            column = above[:, layer, head].tolist()
+    if not history:
+        return found
+    steps = [snap.step for snap in history]
+    for role in history[-1].detected:
+        detected = torch.stack([snap.detected[role] for snap in history])  # [S, L, H]
+        for layer, head in detected[-1].nonzero().tolist():
+            column = detected[:, layer, head].tolist()
             first = len(column) - 1
             while first > 0 and column[first - 1]:
                 first -= 1

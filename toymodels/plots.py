@@ -16,9 +16,10 @@ from headlab.runs import save_figure
 from toymodels.emergence import Snapshot
 
 
-def plot_scores_over_steps(history: list[Snapshot], thresholds: dict[str, float], path: Path) -> Path:
-    """One panel per role: every head's score against the training step (log-x), with the null threshold."""
-    roles = [r for r in history[-1].scores if r in thresholds]
+def plot_scores_over_steps(history: list[Snapshot], floors: dict[str, float], path: Path) -> Path:
+    """One panel per role: every head's score against the training step (log-x), with the role's effect-size floor
+    (detection also needs the control test, :mod:`roles.rule`)."""
+    roles = [r for r in history[-1].scores if r in floors]
     cols = min(3, len(roles))
     rows = -(-len(roles) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
@@ -28,7 +29,7 @@ def plot_scores_over_steps(history: list[Snapshot], thresholds: dict[str, float]
         for layer in range(series.shape[1]):
             for head in range(series.shape[2]):
                 ax.plot(steps, series[:, layer, head], lw=1, label=f"L{layer}H{head}")
-        ax.axhline(thresholds[role], color="k", ls="--", lw=1, label="null threshold")
+        ax.axhline(floors[role], color="k", ls="--", lw=1, label="floor")
         ax.set_xscale("log")
         ax.set_title(role)
         ax.set_xlabel("step")

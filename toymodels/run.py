@@ -24,8 +24,9 @@ from torch import nn
 from data.tasks import Task, make_task, target_accuracy, target_loss
 from headlab.runs import atomic_write_json, atomic_write_text, run_directory, save_config, to_plain
 from headlab.tracking import LoggerKind, finish, make_logger, quiet_libraries, sweep_callbacks
-from roles.mapping import DetectConfig, TargetSummary, map_heads, write_map
+from roles.mapping import Batches, DetectConfig, TargetSummary, map_heads, write_map
 from roles.null import NullStats, null_distribution
+from roles.rule import floor_of
 from roles.table import RoleTable
 from toymodels.emergence import EmergenceTracker, emerged_steps, log_linear_schedule, phase_change_step
 from toymodels.modeling import ToyTransformer
@@ -66,8 +67,8 @@ class SeedRun:
 
     config: RunConfig
     net: ToyTransformer
-    null: dict[str, NullStats]
-    tracker: EmergenceTracker  # its thresholds: null_mean + n_sigma * null_std per role
+    null: dict[str, NullStats]  # reported beside the scores, not part of the verdicts
+    tracker: EmergenceTracker
 
     @property
     def out(self) -> Path:
@@ -94,7 +95,7 @@ class SeedResult:
 
 
 def setup_seed(the_task: Task, config: RunConfig) -> SeedRun:
-    """The seed's run directory and config file, its initialised model, null thresholds and emergence tracker."""
+    """The seed's run directory and config file, its initialised model, null statistics and emergence tracker."""
     out, seed, detection, train = Path(config.out), config.seed, config.detection, config.train
     if (out / "config.yaml").exists() and not (out / "metrics.json").exists():
         print(f"{out} holds an unfinished run (killed before it ended); restarting it from step 0: toy runs keep "
@@ -106,10 +107,12 @@ def setup_seed(the_task: Task, config: RunConfig) -> SeedRun:
     net = ToyTransformer(config.model.hf_config(the_task.vocab_size, the_task.seq_len, headlab_task=task_record))
     detect_batch = the_task.detection_batch(detection.batch_size, seed + 1)
     eval_batch = the_task.batch(train.eval_batch_size, seed + 2, the_task.eval_split)
-    null = null_distribution(net, detect_batch, n_models=detection.n_null, seed=seed + 10_000)
-    thresholds = {role: stats.threshold(detection.n_sigma) for role, stats in null.items()}
+    null = {}
+    if detection.n_null:
+        null = null_distribution(net, detect_batch, n_models=detection.n_null, seed=seed + 10_000)
     schedule = log_linear_schedule(train.steps, train.track_every)
-    return SeedRun(config, net, null, EmergenceTracker(detect_batch, eval_batch, schedule, thresholds))
+    tracker = EmergenceTracker(detect_batch, eval_batch, schedule, detection.alpha, detection.floors)
+    return SeedRun(config, net, null, tracker)
 
 
 def make_trainer(train: TrainConfig, run_logger, callbacks: list[pl.Callback], out: Path) -> pl.Trainer:
@@ -166,18 +169,23 @@ def finish_seed(run: SeedRun, the_task: Task, train_log: list[tuple[int, float]]
     detection, train, seed = config.detection, config.train, config.seed
     net.eval()
     history = run.tracker.history
-    emerged = emerged_steps(history, null, detection.n_sigma)
-    head_map = map_heads(net, the_task, detection, seed, scores=history[-1].scores, null=null, emerged=emerged)
+    batches = Batches(the_task.detection_batch(detection.batch_size, seed + 1),
+                      the_task.batch(detection.eval_size(toy=True), seed + 2, the_task.eval_split),
+                      the_task.batch(detection.eval_size(toy=True), seed + 3, the_task.eval_split))
+    head_map = map_heads(net, batches, the_task.role, detection, seed, null=null, emerged=emerged_steps(history),
+                         all_kinds=True)
     steps, losses = [s.step for s in history], [s.eval_loss for s in history]
     phase = phase_change_step(steps, losses)
-    target = TargetSummary.of(head_map, the_task.role)
+    target = TargetSummary.of(head_map, the_task.role, detection.min_effect)
     if target.emerged_step is not None:
         target.emerged_seconds = next(s.seconds for s in history if s.step == target.emerged_step)
 
     net.save_pretrained(run.out / "model")
     write_map(run.out, head_map, f"{the_task.name}: functional heads")
     _write_curves(run)
-    plot_scores_over_steps(history, run.tracker.thresholds, run.out / "scores_over_steps.png")
+    d_head = config.model.hf_config(the_task.vocab_size, the_task.seq_len).head_dim
+    floors = {role: floor_of(role, d_head, detection.floors) for role in history[-1].scores}
+    plot_scores_over_steps(history, floors, run.out / "scores_over_steps.png")
     plot_loss(history, phase, run.out / "loss.png", pd.DataFrame(train_log, columns=["step", "loss"]))
     metrics = {
         "task": the_task.name,

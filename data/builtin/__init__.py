@@ -12,8 +12,8 @@
 ``ioi``        Indirect-object-identification sentences (Wang et al. 2022) over 24 names: "When Mary and John went
                to the store, John gave a drink to Mary". ``label`` is True when the final name is the indirect
                object (the correct completion) and False when it is the subject; ``order`` is the template
-               (ABBA or BABA). The final name is marked (``mark`` is its character offset): read it with
-               ``--positions marked``. 640 examples, balanced.
+               (ABBA or BABA); ``io`` and ``subject`` name the two. The final name is marked (``mark`` is its
+               character offset): read it with ``--positions marked``. 640 examples, balanced.
 
 Every example is a dict with ``text``, ``label`` and the extra fields above.
 """
@@ -85,7 +85,7 @@ def ioi(seed: int = 0, n: int = 640) -> list[dict]:
                   f"{subject} gave a {rng.choice(_OBJECTS)} to ")
         is_io = i % 2 == 0
         examples.append({"text": prefix + (io if is_io else subject), "label": is_io, "order": order,
-                         "mark": len(prefix)})
+                         "mark": len(prefix), "io": io, "subject": subject})
     return examples
 
 

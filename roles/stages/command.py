@@ -7,8 +7,9 @@ and the means are monotone; it is untestable (``null``) with fewer than two stag
 ``significant`` adds p < 0.05. Across the seeds of a toy group: the fraction of testable seeds where it holds.
 
 Outputs (``--out``): ``stages.csv`` (one row per model x detected head and role: ``model, layer, head, n_layers,
-relative_depth, role, stage, score, threshold, functional, kind``), ``stage_depths.csv`` (per model x stage: count,
-mean, median, quartiles, min, max of relative depth; pooled toy groups as models named ``GROUP (pooled, N seeds)``),
+relative_depth, role, stage, score, floor, control, p_adjusted, functional, kind``), ``stage_depths.csv`` (per
+model x stage: count, mean, median, quartiles, min, max of relative depth; pooled toy groups as models named
+``GROUP (pooled, N seeds)``),
 ``stage_map.png`` (one panel per model), ``summary.json`` and ``config.yaml``.
 """
 
@@ -86,8 +87,8 @@ def stages(
             the built-in all-MiniLM-L6-v2 encoder. Encoders are scored without ablation (no next-token loss).
         out: output directory (stages.csv, stage_depths.csv, stage_map.png, summary.json, config.yaml).
         stage_map: role -> stage overrides, e.g. '{"name_mover": "ICI"}' (stages: KR, ICI, LR, EP).
-        detection: null distribution (n_null, n_sigma), batch sizes and the ablation used for causal LMs; n_sigma
-            also re-thresholds the toy runs' heads (from their null_mean and null_std columns).
+        detection: the detection rule (floors, alpha), reported null, batch sizes and the causal check used for
+            Hugging Face causal LMs (toy runs keep the verdicts they were written with).
         length: tokens of random text per sequence in the Hugging Face models' repeated-segment batch (capped by
             the model's context).
         ablate: mean-ablate each head of a causal LM on the repeated part's next-token loss (the functional column).
@@ -106,7 +107,7 @@ def stages(
     config = {"toy_runs": [str(p) for p in toy_runs or []], "models": list(models or []), "out": str(out),
               "stage_map": dict(stage_map or {}), "detection": detection, "length": length, "ablate": ablate,
               "seed": seed}
-    heads = [load_toy_run(d, detection.n_sigma) for d in run_dirs]
+    heads = [load_toy_run(d) for d in run_dirs]
     heads += [map_hf_model(spec, detection, length, seed, ablate) for spec in models or []]
     with run_directory(out, "stages"):
         save_config(out, config)

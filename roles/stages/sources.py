@@ -1,15 +1,12 @@
-"""Where the stage map's heads come from: finished toy runs (their ``roles.csv``) and Hugging Face models (scored here).
+"""Where the stage map's heads come from: finished toy runs (their ``roles.csv``) and Hugging Face models (mapped here).
 
-* **Toy runs** are read from their role table, re-thresholded with the same ``n_sigma`` from its null columns
-  (:meth:`roles.table.RoleTable.rethresholded`); ``functional`` (the causal check) stays true only for heads still
-  detected. Seeds of one parent directory (``seed-*``) form a group, pooled in the report.
-* **Hugging Face models** load through :func:`headlab.models.load_model` (encoders with AutoModel, causal LMs with
-  AutoModelForCausalLM, eager attention) and are scored with the pattern detectors (plus the OV ``copying`` detector
-  for causal LMs whose weights headlab can read) on the induction batch of :mod:`roles.batches`, against null
-  thresholds from random re-initialisations, so "detected" means what it means for toy models. In an encoder,
+* **Toy runs** are read from their role table, verdicts as they stand (the same rule as for real models, applied
+  when the run finished). Seeds of one parent directory (``seed-*``) form a group, pooled in the report.
+* **Hugging Face models** are mapped by :func:`roles.real.map_real_model` on the induction task's batches: the
+  attention detectors on repeated segments of ordinary tokens, name movers on the ioi prompts, the OV detectors
+  where the model allows them, and (causal LMs) the attribution screen with exact confirmation. In an encoder,
   attention_sink is attention to ``[CLS]`` and the duplicate/induction scores count attention to *earlier* positions
-  only. Causal LMs are also ablated head by head on the repeated part's next-token loss (``functional``); an encoder
-  has no such loss and gets detection only.
+  only; an encoder has no next-token loss and gets detection only.
 """
 
 from __future__ import annotations
@@ -19,26 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from torch import nn
 
 from headlab.errors import HeadlabError
 from headlab.models import load_model
 from headlab.runs import find_runs, seed_number
-from roles.ablation import ablation_effects
-from roles.batches import repeat_batch
 from roles.mapping import DetectConfig
-from roles.null import null_distribution
-from roles.ov import ov_circuit
-from roles.registry import score_heads
+from roles.real import map_real_model
+from roles.rule import PROPERTIES
 from roles.stages.statistics import relative_depth
 from roles.stages.taxonomy import STAGE_ORDER
 from roles.table import RoleTable
 
-HF_DETECTORS: tuple[str, ...] = ("previous_token", "duplicate_token", "induction", "attention_sink")
-"""The pattern detectors that need only ``input_ids``: what every Hugging Face model is scored with."""
-
-ROW_COLUMNS = ["model", "layer", "head", "n_layers", "relative_depth", "role", "stage", "score", "threshold",
-               "functional", "kind"]
+ROW_COLUMNS = ["model", "layer", "head", "n_layers", "relative_depth", "role", "stage", "score", "floor", "control",
+               "p_adjusted", "functional", "kind"]
 """Columns of ``stages.csv``: one row per model x detected (head, role)."""
 
 
@@ -58,6 +48,7 @@ class ModelHeads:
     def detected_rows(self, stages: dict[str, str]) -> pd.DataFrame:
         """The rows of ``stages.csv`` for this model: every detected (head, role) with its stage and depth."""
         frame = self.table.frame
+        frame = frame[frame["role"].isin(stages) | ~frame["role"].isin(PROPERTIES)]  # properties: no stage
         unknown = sorted(set(frame["role"]) - set(stages))
         if unknown:
             raise HeadlabError(
@@ -83,9 +74,9 @@ def resolve_toy_runs(paths: list[Path]) -> list[Path]:
     return find_runs(paths, "roles.csv", "python train.py toy --out DIR")
 
 
-def load_toy_run(run_dir: Path, n_sigma: float | None = None) -> ModelHeads:
-    """A finished toy run's role table (``roles.csv``) and its depth (``model/config.json``); with ``n_sigma``
-    re-thresholded (see the module docstring), without it used as it stands."""
+def load_toy_run(run_dir: Path) -> ModelHeads:
+    """A finished toy run's role table (``roles.csv``, with its verdicts as they stand) and its depth
+    (``model/config.json``)."""
     run_dir = Path(run_dir)
     config_path = run_dir / "model" / "config.json"
     if not config_path.exists():
@@ -98,8 +89,6 @@ def load_toy_run(run_dir: Path, n_sigma: float | None = None) -> ModelHeads:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise HeadlabError(f"{config_path} is not valid JSON; rerun the toy run that wrote it") from error
     table = RoleTable.read(run_dir / "roles.csv")
-    if n_sigma is not None:
-        table = table.rethresholded(n_sigma)
     layers, heads = table.shape
     n_layers = int(config.get("num_hidden_layers") or layers)
     n_heads = int(config.get("num_attention_heads") or heads)
@@ -112,38 +101,10 @@ def load_toy_run(run_dir: Path, n_sigma: float | None = None) -> ModelHeads:
     return ModelHeads(name, "toy", n_layers, n_heads, table, str(run_dir), group, notes)
 
 
-def _reads_ov(model: nn.Module) -> bool:
-    try:
-        ov_circuit(model, 0)
-    except HeadlabError:
-        return False
-    return True
-
-
 def map_hf_model(spec: str, detection: DetectConfig, length: int, seed: int, ablate: bool = True) -> ModelHeads:
-    """Score every head of a Hugging Face model on the repeated-segment batch against its null distribution."""
+    """Map every head of a Hugging Face model on the induction task's batches (:mod:`roles.real`)."""
     loaded = load_model(spec, head="auto", attn_implementation="eager", need_tokenizer=False)
-    model, tokenizer, kind = loaded.model, loaded.tokenizer, loaded.kind
-    notes = []
-    if tokenizer is None:
-        notes.append("no tokenizer found: random tokens from the whole vocabulary, no special-token frame")
-    names = list(HF_DETECTORS)
-    if kind == "causal_lm" and _reads_ov(model):
-        names.append("copying")
-    batch = repeat_batch(model, tokenizer, detection.batch_size, length, seed + 1)
-    scores = score_heads(model, batch, names)
-    null = null_distribution(model, batch, names, n_models=detection.n_null, seed=seed + 10_000)
-    ablation = None
-    if kind == "causal_lm" and ablate:
-        eval_batch = repeat_batch(model, tokenizer, detection.eval_batch_size, length, seed + 2)
-        other = repeat_batch(model, tokenizer, detection.eval_batch_size, length, seed + 3)
-        ablation = ablation_effects(model, eval_batch, detection.ablation, other)
-        notes.append(f"{detection.ablation} ablation on the repeated part's next-token loss (functional column)")
-    else:
-        why = "an encoder has no next-token task loss" if kind == "encoder" else "--ablate false"
-        notes.append(f"detection only, no ablation ({why})")
-    table = RoleTable.build(scores, null, ablation, detection.n_sigma, detection.effect_sigma, None,
-                            detection.min_effect)
-    n_layers, n_heads = next(iter(scores.values())).shape
+    real = map_real_model(loaded, "induction", detection, length, seed, ablate)
+    n_layers, n_heads = real.head_map.table.shape
     name = spec if not Path(spec).exists() else Path(spec).resolve().name
-    return ModelHeads(name, kind, int(n_layers), int(n_heads), table, spec, None, notes)
+    return ModelHeads(name, real.kind, int(n_layers), int(n_heads), real.head_map.table, spec, None, real.notes)

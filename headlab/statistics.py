@@ -1,0 +1,46 @@
+"""Statistics shared by probes and head-function detection: multiple-testing correction and a one-sided paired
+test."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg (1995) adjusted p-values: ``p_(k) * m / k`` made monotone from the largest down, capped at 1.
+
+    A test is significant at false discovery rate ``q`` when its adjusted p-value is below ``q``. Source:
+    Benjamini & Hochberg 1995, "Controlling the false discovery rate", J. R. Stat. Soc. B 57.
+    """
+    p = np.asarray(p, dtype=np.float64)
+    if p.size == 0:
+        return p.copy()
+    flat = p.ravel()
+    order = np.argsort(flat)
+    ranked = flat[order] * flat.size / np.arange(1, flat.size + 1)
+    adjusted = np.minimum.accumulate(ranked[::-1])[::-1]
+    out = np.empty_like(adjusted)
+    out[order] = np.minimum(adjusted, 1)
+    return out.reshape(p.shape)
+
+
+def paired_greater_p(differences: np.ndarray) -> np.ndarray:
+    """One-sided one-sample t-test that the mean of ``differences [samples, ...]`` is above 0, per column.
+
+    ``t = mean / (sd / sqrt(n))`` with ``n - 1`` degrees of freedom; ``p = P(T_{n-1} >= t)``. Samples are the
+    independent units (sequences, tokens); NaN samples (units without a matched pair) are left out. Where every
+    difference is equal the test degenerates: ``p = 0`` for a positive constant, ``1`` otherwise; fewer than two
+    samples give ``p = 1``.
+    """
+    from scipy.stats import t as student
+
+    d = np.asarray(differences, dtype=np.float64)
+    n = np.sum(~np.isnan(d), axis=0)
+    mean = np.nanmean(np.where(n > 0, d, 0.0), axis=0) if d.size else np.zeros(d.shape[1:])
+    sd = np.nanstd(d, axis=0, ddof=1) if d.shape[0] > 1 else np.zeros(d.shape[1:])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = mean / (sd / np.sqrt(np.maximum(n, 1)))
+        p = student.sf(t, np.maximum(n - 1, 1))
+    flat = ~(sd > 0)  # zero spread (or undefined)
+    p = np.where(flat, np.where(mean > 0, 0.0, 1.0), p)
+    return np.where(n >= 2, p, 1.0)
