@@ -43,11 +43,12 @@ def serial_effects(model, batch) -> torch.Tensor:
     sites = head_sites(model)
     with fast_attention(model):
         captured, logits = capture_run(model, ids)
+        means = position_means(captured)  # computed once, as in headlab's arm
         clean = sequence_loss(logits, targets)
         effect = torch.zeros(len(sites), sites[0].n_heads)
         for site in sites:
             for head in range(site.n_heads):
-                with hook_heads(model, ablation_fn("mean", [(site.layer, head)], captured, None), sites=sites):
+                with hook_heads(model, ablation_fn("mean", [(site.layer, head)], means, None), sites=sites):
                     effect[site.layer, head] = (sequence_loss(model(input_ids=ids).logits, targets) - clean).mean()
     return effect
 

@@ -32,7 +32,7 @@ from torch import nn
 from data.tasks import Batch, sequence_loss
 from headlab.errors import HeadlabError
 from headlab.heads import HeadFn, HeadSite, head_sites, hook_heads
-from headlab.interventions import compose, mean_ablation, replace_heads, zero_ablation
+from headlab.interventions import mean_ablation, replace_heads, zero_ablation
 
 AblationKind = Literal["zero", "mean", "resample"]
 Head = tuple[int, int]
@@ -100,15 +100,26 @@ def fast_attention(model: nn.Module) -> Iterator[None]:
 
 
 def ablation_fn(kind: AblationKind, heads: Iterable[Head], clean: dict, other: dict | None) -> HeadFn:
-    """The hook function replacing ``heads``' outputs for ``kind`` (``clean``/``other``: captured ``z`` per layer)."""
+    """The hook function replacing ``heads``' outputs for ``kind``: ``clean`` and ``other`` hold the captured ``z``
+    per layer, or (for ``mean``) ``clean`` may already hold the per-position means (:func:`position_means`)."""
     heads = list(heads)
     if kind == "zero":
         return zero_ablation(heads)
     if kind == "mean":
-        return mean_ablation(heads, {layer: z.mean(0) for layer, z in clean.items()})  # [seq, heads, d_head]
+        means = clean if getattr(clean, "are_means", False) else position_means(clean)
+        return mean_ablation(heads, means)
     if kind == "resample":
         return replace_heads(heads, other)
     raise HeadlabError(f"unknown ablation '{kind}'; choose zero, mean or resample")
+
+
+class _Means(dict):
+    are_means = True
+
+
+def position_means(captured: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Each layer's head outputs averaged over the batch, per position: ``[seq, heads, d_head]`` (mean ablation)."""
+    return _Means({layer: z.mean(0) for layer, z in captured.items()})
 
 
 @dataclass(frozen=True)
@@ -195,6 +206,8 @@ def ablation_effects(
             with prefix.record():  # the clean run: head outputs, every block's output and the loss
                 captured, logits = capture_run(model, ids)
             clean = sequence_loss(logits, targets)  # [B]
+            if kind == "mean":
+                captured = position_means(captured)
             other = None
             if kind == "resample":
                 other = capture_z(model, other_batch["input_ids"] if other_batch is not None else ids.roll(1, dims=0))
@@ -245,8 +258,13 @@ def group_effect(
     other_batch: Batch | None = None,
 ) -> float:
     """Loss change when all ``heads`` are ablated together (redundant heads hide from one-at-a-time ablation)."""
-    if not heads:
-        return 0.0
+    return group_effects(model, batch, [heads], kind, other_batch)[0]
+
+
+@torch.no_grad()
+def group_effects(model: nn.Module, batch: Batch, groups: list[list[Head]], kind: AblationKind = "mean",
+                  other_batch: Batch | None = None) -> list[float]:
+    """:func:`group_effect` of each group, sharing one clean pass: ``mean_b (loss_b(group ablated) - loss_b)``."""
     was_training = model.training
     model.eval()
     try:
@@ -254,15 +272,21 @@ def group_effect(
         with fast_attention(model):
             captured, logits = capture_run(model, ids)
             clean = sequence_loss(logits, targets)
+            if kind == "mean":
+                captured = position_means(captured)
             other = None
             if kind == "resample":
                 other = capture_z(model, other_batch["input_ids"] if other_batch is not None else ids.roll(1, dims=0))
-            fns = [ablation_fn(kind, [head], captured, other) for head in heads]
-            with hook_heads(model, compose(*fns)):
-                ablated = sequence_loss(_logits(model, ids), targets)
+            effects = []
+            for heads in groups:
+                if not heads:
+                    effects.append(0.0)
+                    continue
+                with hook_heads(model, ablation_fn(kind, heads, captured, other)):
+                    effects.append(float((sequence_loss(_logits(model, ids), targets) - clean).mean()))
     finally:
         model.train(was_training)
-    return float((ablated - clean).mean())
+    return effects
 
 
 def random_head_reference(effect: torch.Tensor, detected_any: torch.Tensor) -> float:

@@ -7,6 +7,8 @@ detected head passes the causal check, or the detected heads together beat rando
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from torch import nn
 from data.tasks import Batch
 from headlab.errors import at_least, require
 from headlab.runs import atomic_write_text
-from roles.ablation import AblationKind, AblationResult, ablation_effects, group_effect
+from roles.ablation import AblationKind, AblationResult, ablation_effects, group_effects
 from roles.attribution import screen_and_confirm
 from roles.evidence import Evidence
 from roles.null import NullStats, null_distribution
@@ -26,6 +28,8 @@ from roles.plots import plot_role_map
 from roles.registry import measure_heads
 from roles.rule import PROPERTIES, apply_rule
 from roles.table import RoleTable
+
+log = logging.getLogger("headlab")
 
 
 @dataclass(frozen=True)
@@ -136,24 +140,33 @@ def map_heads(model: nn.Module, batches: Batches, role: str, cfg: DetectConfig, 
     two ablation kinds exactly (toy runs write them to ``ablations.csv``).
     """
     model.eval()
+    clock = time.perf_counter()
     evidence = evidence if evidence is not None else measure_heads(model, batches.detect, names)
     if null is None and cfg.n_null:
         null = null_distribution(model, batches.detect, list(evidence), n_models=cfg.n_null, seed=seed + 10_000)
     d_head = _d_head(model)
     verdicts = apply_rule(evidence, d_head, cfg.alpha, cfg.floors)
+    counts = {r: int(v.detected.sum()) for r, v in verdicts.items()}
+    log.info("detected %s (%.1f s)", counts, time.perf_counter() - clock)
     ablations: dict[str, AblationResult] = {}
     group = None
     if ablate:
+        clock = time.perf_counter()
         detected = {(int(a), int(b)) for role, v in verdicts.items() if role not in PROPERTIES
                     for a, b in v.detected.nonzero().tolist()}
         ablations[cfg.ablation] = _effects(model, batches, cfg, sorted(detected), seed)
+        exact = ablations[cfg.ablation].exact
+        log.info("%s ablation: %d heads exactly (%.1f s)", cfg.ablation,
+                 int(exact.sum()) if exact is not None else -1, time.perf_counter() - clock)
         if all_kinds:
             for kind in ("zero", "mean", "resample"):
                 if kind not in ablations:
                     ablations[kind] = ablation_effects(model, batches.eval, kind, batches.other,
                                                        pattern_preserving=cfg.pattern_preserving)
         if role in verdicts:
+            clock = time.perf_counter()
             group = group_check(model, batches, verdicts[role].detected, cfg, seed)
+            log.info("group check of %s (%.1f s)", role, time.perf_counter() - clock)
     table = RoleTable.build(verdicts, ablations.get(cfg.ablation), null, emerged, cfg.effect_sigma, cfg.min_effect)
     return HeadMap(table, evidence, null or {}, ablations, group)
 
@@ -193,12 +206,10 @@ def group_check(model: nn.Module, batches: Batches, detected: torch.Tensor, cfg:
     size = cfg.group_batch_size
     evaluate = {k: v[:size] if torch.is_tensor(v) and v.ndim >= 2 else v for k, v in batches.eval.items()}
     other = {k: v[:size] if torch.is_tensor(v) and v.ndim >= 2 else v for k, v in batches.other.items()}
-    effect = group_effect(model, evaluate, heads, cfg.ablation, other)
-    randoms = []
-    for _ in range(cfg.random_groups):
-        pick = torch.randperm(len(pool), generator=generator)[: len(heads)].tolist()
-        randoms.append(group_effect(model, evaluate, [pool[i] for i in pick], cfg.ablation, other))
-    return GroupCheck(heads, effect, randoms)
+    randoms = [[pool[i] for i in torch.randperm(len(pool), generator=generator)[: len(heads)].tolist()]
+               for _ in range(cfg.random_groups)]
+    effects = group_effects(model, evaluate, [heads, *randoms], cfg.ablation, other)
+    return GroupCheck(heads, effects[0], effects[1:])
 
 
 @dataclass

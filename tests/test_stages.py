@@ -201,18 +201,12 @@ def test_command_end_to_end_toy_seeds_and_a_causal_lm(tmp_path, tiny_gpt2_dir, c
     for name in ("stages.csv", "stage_depths.csv", "stage_map.png", "summary.json", "config.yaml"):
         assert (out / name).exists(), name
 
-    rows = pd.read_csv(out / "stages.csv")
-    assert list(rows.columns[:9]) == [
-        "model",
-        "layer",
-        "head",
-        "n_layers",
-        "relative_depth",
-        "role",
-        "stage",
-        "score",
-        "floor",
-    ]
+    scored = pd.read_csv(out / "stages.csv")
+    assert list(scored.columns[:9]) == ["model", "layer", "head", "n_layers", "relative_depth", "role", "stage",
+                                        "method", "score"]
+    # every scored (head, role) of a staged role is a row, detected or not: 5 roles x 4 heads per toy run
+    assert (scored.groupby("model").size().loc[["toy:toy/seed-0", "toy:toy/seed-1"]] == 5 * 4).all()
+    rows = scored[scored["detected"]]
     seed0 = rows[rows["model"] == "toy:toy/seed-0"].set_index("role")
     assert len(seed0) == 4
     assert seed0.loc["induction", "relative_depth"] == 0.75 and seed0.loc["induction", "stage"] == "LR"
@@ -236,7 +230,12 @@ def test_command_end_to_end_toy_seeds_and_a_causal_lm(tmp_path, tiny_gpt2_dir, c
     group = summary["toy_groups"]["toy:toy"]
     assert group["n_seeds"] == 2 and group["fraction_holds"] == 0.5
     hf = by_name[tiny_gpt2_dir.name]
-    assert hf["kind"] == "causal_lm" and set(hf["scored_stages"]) == {"ICI", "LR"}
+    assert hf["kind"] == "causal_lm" and set(hf["scored_stages"]) == {"KR", "ICI", "LR", "EP"}
+    assert set(hf["stage_passed"]) == {"KR", "ICI", "LR", "EP"}
+    seed0_entry = by_name["toy:toy/seed-0"]
+    assert seed0_entry["rho"] == seed0_entry["ordering"]["rho"] and seed0_entry["holds"] is True
+    low, high = seed0_entry["rho_ci"]
+    assert -1 <= low <= seed0_entry["rho"] <= high <= 1
 
     lines = printed.strip().splitlines()
     assert any(line.startswith("stages: toy:toy/seed-0 ordering rho=0.894") for line in lines)
@@ -258,10 +257,13 @@ def test_glob_patterns_are_expanded(tmp_path, capsys):
 def test_hf_path_encoder_and_causal_lm(tiny_gpt2_dir, tiny_bert_dir):
     gpt2 = map_hf_model(str(tiny_gpt2_dir), FAST, length=32, seed=0)
     assert gpt2.kind == "causal_lm" and (gpt2.n_layers, gpt2.n_heads) == (2, 4)
-    roles = {"previous_token", "duplicate_token", "induction", "attention_sink", "name_mover", "copying", "name_copy"}
+    roles = {"previous_token", "duplicate_token", "induction", "attention_sink", "name_mover", "copying", "name_copy",
+             "memory", "amplification", "truthfulness"}
     assert set(gpt2.table.frame["role"]) == roles  # the word tokenizer has no ordinals: no successor detector
+    methods = gpt2.scored_rows(STAGES).groupby("role")["method"].first()
+    assert methods["memory"] == methods["amplification"] == "attribution" and methods["truthfulness"] == "probe"
     assert any("successor detector skipped" in note for note in gpt2.notes)
-    assert len(gpt2.table.frame) == 7 * 2 * 4 and gpt2.table.frame["functional"].dtype == bool
+    assert len(gpt2.table.frame) == 10 * 2 * 4
 
     bert = map_hf_model(str(tiny_bert_dir), FAST, length=32, seed=0)
     assert bert.kind == "encoder" and (bert.n_layers, bert.n_heads) == (2, 4)
@@ -269,8 +271,9 @@ def test_hf_path_encoder_and_causal_lm(tiny_gpt2_dir, tiny_bert_dir):
     assert bert.table.frame["functional"].isna().all()
     assert any("no ablation" in note for note in bert.notes)
     assert any("OV detectors (copying, successor, name copying) skipped" in note for note in bert.notes)
-    rows = bert.detected_rows(STAGES)
-    assert rows["relative_depth"].isin([0.25, 0.75]).all()
+    rows = bert.scored_rows(STAGES)
+    assert rows["relative_depth"].isin([0.25, 0.75]).all() and (rows["method"] == "detector").all()
+    assert len(rows) == 3 * 2 * 4  # previous_token, duplicate_token, induction; the sink is a property
 
 
 def test_repeat_batch_framing_and_vocabulary(tiny_bert_dir):
@@ -346,7 +349,8 @@ def test_minilm_is_scored_as_an_encoder_without_special_tokens():
     heads = map_hf_model("minilm", FAST, length=32, seed=0)
     assert heads.kind == "encoder" and (heads.n_layers, heads.n_heads) == (6, 12)
     assert heads.table.frame["detected"].any()
-    depths = heads.detected_rows(STAGES)["relative_depth"]
+    rows = heads.scored_rows(STAGES)
+    depths = rows.loc[rows["detected"], "relative_depth"]
     assert all(any(math.isclose(d, (layer + 0.5) / 6) for layer in range(6)) for d in depths)
 
 

@@ -71,6 +71,7 @@ def stages(
     detection: DetectConfig = DetectConfig(),  # noqa: B008
     length: int = 64,
     ablate: bool = True,
+    probe_limit: int | None = None,
     seed: int = 0,
 ) -> Path:
     """Toy vs real: tag every detected head with the survey's stage (KR, ICI, LR, EP) and test shallow-to-deep.
@@ -91,7 +92,9 @@ def stages(
             Hugging Face causal LMs (toy runs keep the verdicts they were written with).
         length: tokens of random text per sequence in the Hugging Face models' repeated-segment batch (capped by
             the model's context).
-        ablate: mean-ablate each head of a causal LM on the repeated part's next-token loss (the functional column).
+        ablate: run the causal checks of a causal LM: ablation (attribution screen, exact confirmation, random heads
+            and groups) on each role's task loss, and the truthfulness heads' steering check.
+        probe_limit: statements of the capitals set cached and probed for the truthfulness heads (default all 906).
         seed: seed of the Hugging Face models' batches and null initialisations.
 
     Returns:
@@ -106,10 +109,11 @@ def stages(
     out = Path(out)
     config = {"toy_runs": [str(p) for p in toy_runs or []], "models": list(models or []), "out": str(out),
               "stage_map": dict(stage_map or {}), "detection": detection, "length": length, "ablate": ablate,
-              "seed": seed}
+              "probe_limit": probe_limit, "seed": seed}
     heads = [load_toy_run(d) for d in run_dirs]
-    heads += [map_hf_model(spec, detection, length, seed, ablate) for spec in models or []]
     with run_directory(out, "stages"):
+        heads += [map_hf_model(spec, detection, length, seed, ablate, out / "work" / f"model-{k}", probe_limit)
+                  for k, spec in enumerate(models or [])]
         save_config(out, config)
         summary = _write(out, heads, stage_of, started)
     for line in [f"run: {out}", *report_lines(summary["entries"], summary["toy_groups"])]:
@@ -120,17 +124,17 @@ def stages(
 def _write(out: Path, heads: list[ModelHeads], stage_of: dict[str, str], started: float) -> dict[str, Any]:
     """stages.csv, stage_depths.csv, stage_map.png and summary.json; returns the summary with its entries."""
     _unique_names(heads)
-    per_model = [m.detected_rows(stage_of) for m in heads]
+    per_model = [m.scored_rows(stage_of) for m in heads]
     rows = pd.concat(per_model, ignore_index=True) if per_model else pd.DataFrame(columns=ROW_COLUMNS)
-    entries = [StageEntry.of(m.name, m.kind, m.n_layers, mine, m.scored_stages(stage_of), m.notes, m.source)
-               for m, mine in zip(heads, per_model)]
+    entries = [StageEntry.of(m.name, m.kind, m.n_layers, mine, m.scored_stages(stage_of), m.notes, m.source,
+                             extra=m.extra) for m, mine in zip(heads, per_model)]
     pooled_entries, groups = _pooled_groups(heads, entries, rows, stage_of)
     all_entries = entries + pooled_entries
 
     atomic_write_text(out / "stages.csv", rows.to_csv(index=False))
     depth_rows = [row for e in all_entries for row in e.depth_rows()]
     atomic_write_text(out / "stage_depths.csv", pd.DataFrame(depth_rows).to_csv(index=False))
-    plot_stage_map(rows, entries, out / "stage_map.png")
+    plot_stage_map(rows[rows["detected"].astype(bool)], entries, out / "stage_map.png")
     summary = {
         "stage_map": stage_of,
         "stage_order": list(STAGE_ORDER),

@@ -31,11 +31,24 @@ class StageEntry:
     source: str | None = None
     group: str | None = None
 
+    stage_passed: dict[str, bool] = field(default_factory=dict)  # stage -> whether any head was detected
+    ordering_without_attribution: dict[str, Any] | None = None  # attribution favours late heads: the test without it
+    extra: dict[str, Any] = field(default_factory=dict)  # a real model's group and steering checks
+
     @classmethod
     def of(cls, name: str, kind: str, n_layers: int | None, rows: pd.DataFrame, scored: list[str],
-           notes: list[str], source: str | None = None, group: str | None = None) -> StageEntry:
-        stages = {s: depth_stats(rows.loc[rows["stage"] == s, "relative_depth"]) for s in STAGE_ORDER}
-        return cls(name, kind, n_layers, scored, len(rows), stages, ordering_test(rows), list(notes), source, group)
+           notes: list[str], source: str | None = None, group: str | None = None,
+           extra: dict[str, Any] | None = None) -> StageEntry:
+        """``rows``: every scored (head, role) with ``stage``, ``relative_depth``, ``detected`` and ``method``; the
+        depths and the ordering test use the detected ones."""
+        hits = rows[rows["detected"].astype(bool)] if len(rows) else rows
+        stages = {s: depth_stats(hits.loc[hits["stage"] == s, "relative_depth"]) for s in STAGE_ORDER}
+        passed = {s: bool((hits["stage"] == s).any()) for s in scored}
+        without = None
+        if "method" in hits and (hits["method"] == "attribution").any():
+            without = ordering_test(hits[hits["method"] != "attribution"])
+        return cls(name, kind, n_layers, scored, len(hits), stages, ordering_test(hits), list(notes), source, group,
+                   passed, without, dict(extra or {}))
 
     def depth_rows(self) -> list[dict[str, Any]]:
         """This entry's rows of ``stage_depths.csv``: one per stage."""
@@ -43,8 +56,12 @@ class StageEntry:
                  **self.stages[s]} for s in STAGE_ORDER]
 
     def as_dict(self) -> dict[str, Any]:
+        """The model's entry of ``summary.json``: the ordering test's headline (``rho``, ``rho_ci``, ``holds``) on
+        top, then everything else."""
         out = asdict(self)
-        return {k: v for k, v in out.items() if v is not None or k == "n_layers"}
+        head = {"model": self.model, "rho": self.ordering["rho"], "rho_ci": self.ordering["rho_ci"],
+                "holds": self.ordering["holds"]}
+        return {**head, **{k: v for k, v in out.items() if v is not None or k == "n_layers"}}
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:

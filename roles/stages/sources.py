@@ -21,15 +21,15 @@ from headlab.errors import HeadlabError
 from headlab.models import load_model
 from headlab.runs import find_runs, seed_number
 from roles.mapping import DetectConfig
-from roles.real import map_real_model
 from roles.rule import PROPERTIES
+from roles.stages.real import real_stages
 from roles.stages.statistics import relative_depth
 from roles.stages.taxonomy import STAGE_ORDER
 from roles.table import RoleTable
 
-ROW_COLUMNS = ["model", "layer", "head", "n_layers", "relative_depth", "role", "stage", "score", "floor", "control",
-               "p_adjusted", "functional", "kind"]
-"""Columns of ``stages.csv``: one row per model x detected (head, role)."""
+ROW_COLUMNS = ["model", "layer", "head", "n_layers", "relative_depth", "role", "stage", "method", "score", "floor",
+               "control", "p_adjusted", "detected", "ablation_effect", "effect_method", "functional", "kind"]
+"""Columns of ``stages.csv``: one row per model x scored (head, role), detected or not."""
 
 
 @dataclass
@@ -44,9 +44,11 @@ class ModelHeads:
     source: str
     group: str | None = None  # toy seeds of one parent directory are pooled under this label
     notes: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # group checks and the steering check of a real model
 
-    def detected_rows(self, stages: dict[str, str]) -> pd.DataFrame:
-        """The rows of ``stages.csv`` for this model: every detected (head, role) with its stage and depth."""
+    def scored_rows(self, stages: dict[str, str]) -> pd.DataFrame:
+        """The rows of ``stages.csv`` for this model: every scored (head, role) of a staged role, with its stage,
+        method, evidence, verdict and depth (properties such as copying have no stage and are left out)."""
         frame = self.table.frame
         frame = frame[frame["role"].isin(stages) | ~frame["role"].isin(PROPERTIES)]  # properties: no stage
         unknown = sorted(set(frame["role"]) - set(stages))
@@ -55,7 +57,12 @@ class ModelHeads:
                 f"{self.name}: role(s) {', '.join(unknown)} have no stage; add them with "
                 f'--stage_map \'{{"{unknown[0]}": "LR"}}\' (stages: {", ".join(STAGE_ORDER)})'
             )
-        rows = frame[frame["detected"]].copy()
+        rows = frame.copy()
+        if "method" not in rows:
+            rows["method"] = "detector"
+        for column in ("control", "p_adjusted", "ablation_effect", "effect_method", "functional"):
+            if column not in rows:
+                rows[column] = pd.NA
         rows["model"] = self.name
         rows["kind"] = self.kind
         rows["n_layers"] = self.n_layers
@@ -101,10 +108,17 @@ def load_toy_run(run_dir: Path) -> ModelHeads:
     return ModelHeads(name, "toy", n_layers, n_heads, table, str(run_dir), group, notes)
 
 
-def map_hf_model(spec: str, detection: DetectConfig, length: int, seed: int, ablate: bool = True) -> ModelHeads:
-    """Map every head of a Hugging Face model on the induction task's batches (:mod:`roles.real`)."""
+def map_hf_model(spec: str, detection: DetectConfig, length: int, seed: int, ablate: bool = True,
+                 work: Path | None = None, probe_limit: int | None = None) -> ModelHeads:
+    """Every stage's head types of a Hugging Face model (:mod:`roles.stages.real`); ``work`` holds the truthfulness
+    probe's cache and run (default: a temporary folder)."""
+    import tempfile
+
     loaded = load_model(spec, head="auto", attn_implementation="eager", need_tokenizer=False)
-    real = map_real_model(loaded, "induction", detection, length, seed, ablate)
-    n_layers, n_heads = real.head_map.table.shape
     name = spec if not Path(spec).exists() else Path(spec).resolve().name
-    return ModelHeads(name, real.kind, int(n_layers), int(n_heads), real.head_map.table, spec, None, real.notes)
+    with tempfile.TemporaryDirectory() as tmp:
+        real = real_stages(loaded, detection, length, seed, ablate, Path(work or tmp), probe_limit)
+    table = RoleTable(real.table)
+    n_layers, n_heads = table.shape
+    extra = {"groups": real.groups, "steering": real.steering}
+    return ModelHeads(name, loaded.kind, int(n_layers), int(n_heads), table, spec, None, real.notes, extra)

@@ -40,13 +40,32 @@ def depth_stats(depths: pd.Series | np.ndarray) -> dict[str, float | int | None]
     }
 
 
-def ordering_test(rows: pd.DataFrame) -> dict[str, Any]:
+def bootstrap_rho(rank: np.ndarray, depth: np.ndarray, resamples: int, seed: int) -> list[float]:
+    """``[2.5%, 97.5%]`` percentiles of Spearman's rho over observations resampled with replacement (resamples
+    without spread in either variable are skipped)."""
+    from scipy.stats import spearmanr
+
+    generator = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        pick = generator.integers(0, len(rank), len(rank))
+        if np.ptp(rank[pick]) > 0 and np.ptp(depth[pick]) > 0:
+            values.append(spearmanr(rank[pick], depth[pick]).statistic)
+    if not values:
+        return [float("nan"), float("nan")]
+    low, high = np.quantile(values, [0.025, 0.975])
+    return [float(low), float(high)]
+
+
+def ordering_test(rows: pd.DataFrame, resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Does depth grow with stage (KR < ICI < LR < EP)? ``rows``: detected heads with ``stage``, ``relative_depth``.
 
-    Returns ``rho`` and ``p_value`` (Spearman, stage rank vs depth), ``n`` observations, ``stages_present``,
-    ``stage_means``, ``monotone`` (means non-decreasing in stage order), ``holds`` (rho > 0 and monotone; ``None``
-    when untestable: fewer than 2 stages or 3 observations, or no spread in depth) and ``significant`` (holds with
-    two-sided p < 0.05; a direction alone can come from a rho near 0).
+    Returns ``rho`` and ``p_value`` (Spearman, stage rank vs depth), ``rho_ci`` (95% percentile bootstrap interval
+    over the detected heads, ``resamples`` draws with replacement; the heads were detected on fixed prompts, so the
+    interval covers the choice of heads, not of prompts), ``n`` observations, ``stages_present``, ``stage_means``,
+    ``monotone`` (means non-decreasing in stage order), ``holds`` (rho > 0 and monotone; ``None`` when untestable:
+    fewer than 2 stages or 3 observations, or no spread in depth) and ``significant`` (holds with two-sided
+    p < 0.05; a direction alone can come from a rho near 0).
     """
     from scipy.stats import spearmanr
 
@@ -64,6 +83,7 @@ def ordering_test(rows: pd.DataFrame) -> dict[str, Any]:
     significant = None if holds is None else bool(holds and p_value < 0.05)
     return {
         "rho": rho,
+        "rho_ci": None if rho is None else bootstrap_rho(rank, depth, resamples, seed),
         "p_value": p_value,
         "n": len(rows),
         "stages_present": present,
