@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.tasks import sequence_loss
 from headlab.heads import head_sites, hook_heads
 from headlab.models import load_model
-from roles.ablation import ablation_fn, capture_run, fast_attention
+from roles.ablation import ablation_fn, capture_run, fast_attention, position_means
 from roles.attribution import screen_and_confirm
 from roles.batches import repeat_batch
 
