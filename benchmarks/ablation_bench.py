@@ -28,12 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.tasks import sequence_loss
 from headlab.heads import head_sites, hook_heads
 from headlab.models import load_model
 from roles.ablation import ablation_fn, capture_run, fast_attention, position_means
 from roles.attribution import screen_and_confirm
 from roles.batches import repeat_batch
+from roles.task_loss import task_losses
 
 
 @torch.no_grad()
@@ -42,14 +42,13 @@ def serial_effects(model, batch) -> torch.Tensor:
     ids, targets = batch["input_ids"], batch["targets"]
     sites = head_sites(model)
     with fast_attention(model):
-        captured, logits = capture_run(model, ids)
+        captured, clean = capture_run(model, batch)
         means = position_means(captured)  # computed once, as in headlab's arm
-        clean = sequence_loss(logits, targets)
         effect = torch.zeros(len(sites), sites[0].n_heads)
         for site in sites:
             for head in range(site.n_heads):
                 with hook_heads(model, ablation_fn("mean", [(site.layer, head)], means, None), sites=sites):
-                    effect[site.layer, head] = (sequence_loss(model(input_ids=ids).logits, targets) - clean).mean()
+                    effect[site.layer, head] = (task_losses(model, ids, targets) - clean).mean()
     return effect
 
 

@@ -29,10 +29,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from data.tasks import Batch, sequence_loss
+from data.tasks import Batch
 from headlab.errors import HeadlabError
 from headlab.heads import HeadFn, HeadSite, head_sites, hook_heads
 from headlab.interventions import mean_ablation, replace_heads, zero_ablation
+from roles.task_loss import task_losses
 
 AblationKind = Literal["zero", "mean", "resample"]
 Head = tuple[int, int]
@@ -46,20 +47,27 @@ def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def capture_z(model: nn.Module, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
     """Every layer's head outputs ``z`` ``[batch, seq, heads, d_head]`` on ``input_ids``."""
-    return capture_run(model, input_ids)[0]
-
-
-@torch.no_grad()
-def capture_run(model: nn.Module, input_ids: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """One forward pass: every layer's head outputs ``z`` (as :func:`capture_z`) and the logits ``[B, T, V]``."""
     captured: dict[int, torch.Tensor] = {}
 
     def keep(layer: int, z: torch.Tensor) -> None:
         captured[layer] = z.detach().clone()
 
     with hook_heads(model, keep):
-        logits = _logits(model, input_ids)
-    return captured, logits
+        _logits(model, input_ids)
+    return captured
+
+
+@torch.no_grad()
+def capture_run(model: nn.Module, batch: Batch) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """One forward pass: every layer's head outputs ``z`` (as :func:`capture_z`) and the task losses ``[B]``."""
+    captured: dict[int, torch.Tensor] = {}
+
+    def keep(layer: int, z: torch.Tensor) -> None:
+        captured[layer] = z.detach().clone()
+
+    with hook_heads(model, keep):
+        losses = task_losses(model, batch["input_ids"], batch["targets"])
+    return captured, losses
 
 
 @contextmanager
@@ -204,8 +212,7 @@ def ablation_effects(
         context = fast_attention(model) if not pattern_preserving else nullcontext()
         with context:
             with prefix.record():  # the clean run: head outputs, every block's output and the loss
-                captured, logits = capture_run(model, ids)
-            clean = sequence_loss(logits, targets)  # [B]
+                captured, clean = capture_run(model, batch)  # clean [B]
             if kind == "mean":
                 captured = position_means(captured)
             other = None
@@ -221,7 +228,7 @@ def ablation_effects(
                 for layer, head in sorted(chosen):
                     reuse = prefix.from_layer(layer) if not pattern_preserving else nullcontext()
                     with reuse, hook_heads(model, ablation_fn(kind, [(layer, head)], captured, other), sites=sites):
-                        diff = sequence_loss(_logits(model, ids), targets) - clean  # [B]
+                        diff = task_losses(model, ids, targets) - clean  # [B]
                     effect[layer, head] = diff.mean()
                     stderr[layer, head] = diff.std() / len(diff) ** 0.5
     finally:
@@ -270,8 +277,7 @@ def group_effects(model: nn.Module, batch: Batch, groups: list[list[Head]], kind
     try:
         ids, targets = batch["input_ids"], batch["targets"]
         with fast_attention(model):
-            captured, logits = capture_run(model, ids)
-            clean = sequence_loss(logits, targets)
+            captured, clean = capture_run(model, batch)
             if kind == "mean":
                 captured = position_means(captured)
             other = None
@@ -283,7 +289,7 @@ def group_effects(model: nn.Module, batch: Batch, groups: list[list[Head]], kind
                     effects.append(0.0)
                     continue
                 with hook_heads(model, ablation_fn(kind, heads, captured, other)):
-                    effects.append(float((sequence_loss(_logits(model, ids), targets) - clean).mean()))
+                    effects.append(float((task_losses(model, ids, targets) - clean).mean()))
     finally:
         model.train(was_training)
     return effects

@@ -21,9 +21,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from data.tasks import Batch, sequence_loss
+from data.tasks import Batch
 from headlab.heads import head_sites, hook_heads
 from roles.ablation import AblationKind, AblationResult, Head, ablation_effects, capture_z, fast_attention
+from roles.task_loss import task_losses
 
 
 def attribution_effects(model: nn.Module, batch: Batch, kind: AblationKind = "mean",
@@ -33,11 +34,12 @@ def attribution_effects(model: nn.Module, batch: Batch, kind: AblationKind = "me
     was_training = model.training
     model.eval()
     ids, targets = batch["input_ids"], batch["targets"]
-    device = next(model.parameters()).device
     sites = head_sites(model)
     kept: dict[int, torch.Tensor] = {}
 
-    def keep(layer: int, z: torch.Tensor) -> torch.Tensor:
+    def keep(layer: int, z: torch.Tensor) -> torch.Tensor | None:
+        if not z.requires_grad:  # a gradient-free pass (task_losses checking the model once): leave it alone
+            return None
         z.retain_grad()
         kept[layer] = z
         return z  # the projection must read this tensor for its gradient to be kept
@@ -53,8 +55,7 @@ def attribution_effects(model: nn.Module, batch: Batch, kind: AblationKind = "me
             handle = model.get_input_embeddings().register_forward_hook(track)
             try:
                 with torch.enable_grad(), hook_heads(model, keep, sites=sites):
-                    logits = model(input_ids=ids.to(device)).logits
-                    losses = sequence_loss(logits, targets.to(device))  # [B]
+                    losses = task_losses(model, ids, targets)  # [B]
                     losses.sum().backward()  # sequences are independent: each gets its own gradient
             finally:
                 handle.remove()

@@ -15,6 +15,7 @@ model x stage: count, mean, median, quartiles, min, max of relative depth; poole
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,11 @@ from roles.mapping import DetectConfig
 from roles.stages.report import StageEntry, plot_stage_map, report_lines
 from roles.stages.sources import ROW_COLUMNS, ModelHeads, load_toy_run, map_hf_model, resolve_toy_runs
 from roles.stages.taxonomy import STAGE_ORDER, stage_table
+
+
+def _slug(spec: str) -> str:
+    """A folder name for a model spec (its last path part, unsafe characters replaced)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(spec.rstrip("/")).name or spec).strip("_") or "model"
 
 
 def _unique_names(models: list[ModelHeads]) -> None:
@@ -86,7 +92,8 @@ def stages(
             ordering holds is reported.
         models: Hugging Face models: hub ids (cached, offline), local save_pretrained directories, or `minilm` for
             the built-in all-MiniLM-L6-v2 encoder. Encoders are scored without ablation (no next-token loss).
-        out: output directory (stages.csv, stage_depths.csv, stage_map.png, summary.json, config.yaml).
+        out: output directory (stages.csv, stage_depths.csv, stage_map.png, summary.json, config.yaml; the real
+            models' truthfulness caches and probe runs in work/MODEL, reused when run again).
         stage_map: role -> stage overrides, e.g. '{"name_mover": "ICI"}' (stages: KR, ICI, LR, EP).
         detection: the detection rule (floors, alpha), reported null, batch sizes and the causal check used for
             Hugging Face causal LMs (toy runs keep the verdicts they were written with).
@@ -112,8 +119,8 @@ def stages(
               "probe_limit": probe_limit, "seed": seed}
     heads = [load_toy_run(d) for d in run_dirs]
     with run_directory(out, "stages"):
-        heads += [map_hf_model(spec, detection, length, seed, ablate, out / "work" / f"model-{k}", probe_limit)
-                  for k, spec in enumerate(models or [])]
+        heads += [map_hf_model(spec, detection, length, seed, ablate, out / "work" / _slug(spec), probe_limit)
+                  for spec in models or []]
         save_config(out, config)
         summary = _write(out, heads, stage_of, started)
     for line in [f"run: {out}", *report_lines(summary["entries"], summary["toy_groups"])]:

