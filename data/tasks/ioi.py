@@ -6,7 +6,8 @@ BABA the subject first. The model must output the name that occurs once (the ind
 position. Target head function: the name mover, which attends from END to the IO name and copies it
 (OV-circuit copy score). Metric: cross-entropy and accuracy of the IO name at the last position. Each batch
 also carries ``corrupt_input_ids``, the ABC variant (the second subject replaced by a third name) used for
-activation patching, and ``name_tokens``, the ids of all names.
+activation patching, ``name_tokens``, the ids of all names, and ``io_mask`` / ``s_mask`` ``[batch, seq]``, the
+positions of the indirect object's and the subject's names (the name-mover detector's targets and controls).
 """
 
 from __future__ import annotations
@@ -75,9 +76,13 @@ class IOITask(Task):
         corrupt[rows, slot[:, 2]] = c
         targets = torch.full_like(tokens, IGNORE)
         targets[:, -1] = io
+        io_mask = tokens == io[:, None]  # [B, T]: the indirect object's one mention
+        s_mask = tokens == s[:, None]  # [B, T]: the subject's two mentions
         return {
             "input_ids": tokens,
             "targets": targets,
             "corrupt_input_ids": corrupt,
             "name_tokens": torch.arange(self.n_names),
+            "io_mask": io_mask,
+            "s_mask": s_mask,
         }
