@@ -147,3 +147,14 @@ def test_unknown_task_or_option_is_a_clear_error():
         make_task("induction", colour=1)
     with pytest.raises(HeadlabError, match="fixed_offset"):
         make_task("induction", fixed_offset=2)
+
+
+def test_modular_addition_full_batch_is_the_whole_training_set_once():
+    task = make_task("modular_addition", p=13, train_fraction=0.3)
+    n_train = int(0.3 * 169)  # 50
+    batch = task.batch(n_train, seed=0, split="train")
+    a, b = batch["input_ids"][:, 0], batch["input_ids"][:, 1]
+    pairs = (a * 13 + b).tolist()
+    assert len(pairs) == n_train and sorted(pairs) == sorted(task.pairs["train"].tolist())
+    small = task.batch(30, seed=1, split="train")["input_ids"]
+    assert len(set((small[:, 0] * 13 + small[:, 1]).tolist())) == 30  # distinct pairs
