@@ -204,3 +204,14 @@ def test_icl_bursty_context_repeats_two_classes_so_the_majority_label_does_not_a
     for ids in one["input_ids"]:
         items = ids[:-1:2].tolist()
         assert sorted((items.count(i) for i in set(items)), reverse=True) == [3, 1, 1, 1, 1, 1]
+
+
+def test_icl_flip_split_shifts_every_label_of_the_training_classes():
+    task = make_task("icl", n_classes=64, n_novel=16, n_labels=8)
+    label0 = task.n_classes + task.n_novel
+    batch = task.batch(100, seed=0, split="flip")
+    for ids, target in zip(batch["input_ids"], batch["targets"][:, -1]):
+        items, labels, query = ids[:-1:2].tolist(), ids[1:-1:2].tolist(), int(ids[-1])
+        assert query < task.n_classes and items.count(query) == task.burst
+        assert all(label == label0 + (int(task.mapping[item]) + 1) % 8 for item, label in zip(items, labels))
+        assert int(target) == label0 + (int(task.mapping[query]) + 1) % 8

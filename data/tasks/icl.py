@@ -10,8 +10,10 @@ context is random and only the memorised mapping helps. With ``ways = 1`` the qu
 that repeats in the context, and "copy the most frequent label" answers without matching any item (a shortcut
 that made this task's ``ic`` accuracy say nothing about induction heads). Splits: ``train``; ``iw`` (in-weights:
 the query's class is absent from the context, only the mapping can answer); ``ic`` (in-context: novel items, whose
-labels are drawn at random per sequence, only the context can answer). Target head function: induction. Metric:
-cross-entropy and accuracy of the query label, per split.
+labels are drawn at random per sequence, only the context can answer); ``flip`` (training classes in bursty
+contexts whose labels are all shifted to ``(label + 1) mod n_labels``, Reddy's ``flip_labels`` test set: context
+and memorised mapping disagree, accuracy is scored against the context). Target head function: induction.
+Metric: cross-entropy and accuracy of the query label, per split.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class ICLTask(Task):
 
     name = "icl"
     role = "induction"
-    splits = ("train", "iw", "ic")
+    splits = ("train", "iw", "ic", "flip")
     eval_split = "ic"
 
     n_classes: int = 128
@@ -77,14 +79,16 @@ class ICLTask(Task):
         gumbel = -torch.log(-torch.log(u.clamp(1e-12, 1 - 1e-7)))
         return (log_w + gumbel).argsort(dim=1, descending=True)
 
-    def _sequences(self, n: int, generator: torch.Generator, novel: bool, bursty: torch.Tensor) -> Batch:
+    def _sequences(
+        self, n: int, generator: torch.Generator, novel: bool, bursty: torch.Tensor, flip: bool = False
+    ) -> Batch:
         c, label0 = self.n_context, self.n_classes + self.n_novel
         if novel:
             pool, first = self.n_novel, self.n_classes
             labels_of = randint(self.n_labels, (n, self.n_novel), generator)  # fresh labels per sequence
         else:
             pool, first = self.n_classes, 0
-            labels_of = self.mapping.expand(n, -1)
+            labels_of = ((self.mapping + int(flip)) % self.n_labels).expand(n, -1)
         # distinct classes: the query class, then context classes that differ from it
         order = self._order(n, pool, generator, zipf=not novel)  # [B, pool]
         query = order[:, 0]
@@ -106,6 +110,8 @@ class ICLTask(Task):
         n = batch_size
         if split == "ic":
             return self._sequences(n, generator, novel=True, bursty=torch.ones(n, dtype=torch.bool))
+        if split == "flip":
+            return self._sequences(n, generator, novel=False, bursty=torch.ones(n, dtype=torch.bool), flip=True)
         if split == "iw":
             return self._sequences(n, generator, novel=False, bursty=torch.zeros(n, dtype=torch.bool))
         bursty = torch.rand(n, generator=generator) < self.p_bursty
