@@ -215,3 +215,23 @@ def test_icl_flip_split_shifts_every_label_of_the_training_classes():
         assert query < task.n_classes and items.count(query) == task.burst
         assert all(label == label0 + (int(task.mapping[item]) + 1) % 8 for item, label in zip(items, labels))
         assert int(target) == label0 + (int(task.mapping[query]) + 1) % 8
+
+
+def test_iteration_polynomial_rule_follows_s_t_equals_s_prev_times_x_plus_one_mod_11():
+    task = make_task("iteration", min_bits=2, max_bits=5, rule="polynomial")
+    assert task.vocab_size == 13  # values 0..10, SEP = 11, PAD = 12
+    batch = task.batch(64, seed=0)
+    for ids, targets, mask in zip(batch["input_ids"], batch["targets"], batch["iteration_mask"]):
+        n = ids.tolist().index(11)  # SEP
+        xs = ids[:n].tolist()
+        assert all(1 <= x <= 10 for x in xs)
+        states, s = [], 0
+        for x in xs:
+            s = (s * x + 1) % 11
+            states.append(s)
+        assert targets[n : 2 * n].tolist() == states
+        assert ids[n + 1 : 2 * n + 1].tolist() == states and set(ids[2 * n + 1 :].tolist()) <= {12}
+        assert [(int(q), int(k)) for q, k in mask.nonzero()] == [(n + t, t) for t in range(n)]
+    # a worked example: x = (3, 5) gives s_1 = 0 * 3 + 1 = 1, s_2 = 1 * 5 + 1 = 6
+    s1 = (0 * 3 + 1) % 11
+    assert (s1, (s1 * 5 + 1) % 11) == (1, 6)
