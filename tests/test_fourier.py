@@ -23,6 +23,10 @@ from toymodels.fourier import (
     grokking_curves,
     key_component,
     key_frequencies,
+    logit_key_frequencies,
+    logit_spectrum,
+    neuron_frequencies,
+    neuron_key_frequencies,
     restricted_loss,
     spectrum_sparsity,
 )
@@ -181,3 +185,32 @@ def test_grokking_curves_merge_train_and_test(tmp_path):
     curve = grokking_curves(tmp_path)
     assert curve["test_accuracy"].tolist() == [0.0, 0.1, 1.0]
     assert curve["train_accuracy"].tolist()[1:] == [0.9, 1.0]
+
+
+def test_neurons_built_from_one_frequency_each_are_assigned_that_frequency():
+    a = torch.arange(P).repeat_interleave(P).double()
+    b = torch.arange(P).repeat(P).double()
+    w = lambda k: 2 * math.pi * k / P  # noqa: E731
+    acts = torch.stack(
+        [
+            torch.cos(w(3) * (a + b)),  # a product term of frequency 3
+            torch.cos(w(7) * a) + torch.sin(w(7) * b),  # 1-D terms of frequency 7
+            torch.cos(w(7) * a) * torch.cos(w(7) * b) + 0.1 * torch.cos(w(2) * a),  # mostly 7
+            torch.cos(w(11) * (a - b)),
+        ],
+        dim=1,
+    ).float()  # [P*P, 4]
+    freq, frac = neuron_frequencies(acts, P)
+    assert freq.tolist() == [3, 7, 7, 11]
+    assert frac[:2].tolist() == pytest.approx([1.0, 1.0], abs=1e-5) and 0.95 < float(frac[2]) < 1.0
+    assert neuron_key_frequencies(acts, P, min_neurons=0.0) == [7, 3, 11]  # most common first
+    noise = torch.randn(P * P, 64, generator=torch.Generator().manual_seed(0))
+    assert neuron_key_frequencies(noise, P) == []
+
+
+def test_logit_spectrum_of_trig_logits_sits_on_their_frequencies():
+    share = logit_spectrum(trig_logits(P, KEYS), P)
+    assert float(share[KEYS].sum()) == pytest.approx(1.0, abs=1e-4)
+    assert sorted(logit_key_frequencies(share)) == KEYS
+    noise = torch.randn(P * P, P, generator=torch.Generator().manual_seed(0))
+    assert logit_key_frequencies(logit_spectrum(noise, P)) == []

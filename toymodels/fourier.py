@@ -96,6 +96,61 @@ def spectrum_sparsity(share: torch.Tensor, keys: list[int]) -> float:
 
 
 @torch.no_grad()
+def mlp_activations(model: nn.Module, p: int, layer: int = -1) -> torch.Tensor:
+    """Post-nonlinearity MLP activations at the ``=`` position for every pair: ``[p * p, d_mlp]`` (row
+    ``a * p + b``), read from the input of ``blocks[layer].mlp.fc_out`` of a toy model."""
+    fc_out = model.blocks[layer].mlp.fc_out
+    seen: list[torch.Tensor] = []
+    handle = fc_out.register_forward_pre_hook(lambda _module, args: seen.append(args[0][:, -1].float().cpu()))
+    try:
+        all_pair_logits(model, p)
+    finally:
+        handle.remove()
+    return torch.cat(seen)
+
+
+def neuron_frequencies(acts: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each neuron's frequency and the fraction of its variance that frequency explains (Nanda et al. 2023).
+
+    ``acts`` ``[p * p, n]`` (row ``a * p + b``). With the 1-D basis ``F`` (:func:`fourier_basis`), the 2-D
+    coefficients of neuron ``i`` are ``C_i = F A_i F^T`` (``A_i`` ``[p, p]`` over ``(a, b)``). The terms of frequency
+    ``k`` are those whose row and column frequencies both lie in ``{0, k}``, except the constant: ``cos/sin(w_k a)``,
+    ``cos/sin(w_k b)`` and their four products. ``frac[i, k] = sum_{those} C_i^2 / sum_{all but constant} C_i^2``.
+    Returns ``freq`` ``[n]`` (the argmax ``k``) and ``frac`` ``[n]`` (its fraction). Source: Nanda et al. 2023, §4
+    and ``calculate_key_freqs`` in their ``transformers.py`` (neurons are each well explained by one frequency).
+    """
+    basis, freq = fourier_basis(p)
+    a = acts.double().reshape(p, p, -1)  # [a, b, n]
+    coeff = torch.einsum("ra,abn,cb->rcn", basis, a, basis)  # [p, p, n]
+    energy = coeff.pow(2)
+    energy[0, 0] = 0  # the constant carries no frequency
+    total = energy.sum((0, 1)).clamp_min(1e-30)  # [n]
+    n_freq = (p - 1) // 2
+    fracs = torch.stack(
+        [
+            energy[((freq == 0) | (freq == k))][:, ((freq == 0) | (freq == k))].sum((0, 1)) / total
+            for k in range(1, n_freq + 1)
+        ]
+    )  # [n_freq, n]
+    best, where = fracs.max(0)
+    return where + 1, best.float()
+
+
+def neuron_key_frequencies(
+    acts: torch.Tensor, p: int, min_frac: float = 0.5, min_neurons: float = 0.02, max_k: int = 8
+) -> list[int]:
+    """Key frequencies from the MLP neurons: the frequencies that explain ``>= min_frac`` of the variance of at least
+    ``min_neurons`` (a fraction) of the neurons, the most common first, at most ``max_k`` (:func:`neuron_frequencies`;
+    Nanda et al. 2023 read their key frequencies the same way). A random network's neuron spreads its variance over
+    many frequencies (each ``k`` covers 8 of ``p^2 - 1`` components), so none qualifies."""
+    freq, frac = neuron_frequencies(acts, p)
+    good = freq[frac >= min_frac]
+    counts = torch.bincount(good, minlength=(p - 1) // 2 + 1)
+    order = torch.argsort(counts, descending=True)
+    return [int(k) for k in order[:max_k] if counts[k] >= max(1, min_neurons * acts.shape[1])]
+
+
+@torch.no_grad()
 def all_pair_logits(model: nn.Module, p: int, batch: int = 4096) -> torch.Tensor:
     """Logits of the ``p`` numbers at the ``=`` position for every pair: ``[p * p, p]``, row ``a * p + b``."""
     model.eval()
@@ -131,6 +186,27 @@ def key_component(logits: torch.Tensor, p: int, keys: list[int]) -> torch.Tensor
         return torch.zeros_like(logits)
     dirs = torch.cat([xpy_directions(p, k) for k in keys]).to(logits.dtype)  # [2 * n_keys, p*p]
     return dirs.T @ (dirs @ logits)
+
+
+def logit_spectrum(logits: torch.Tensor, p: int) -> torch.Tensor:
+    """Share of the logits' variance along ``cos/sin(w_k (a + b))`` for each frequency: ``[(p - 1) / 2 + 1]``
+    (index 0 unused, 0).
+
+    ``share[k] = ||key_component(L_c, [k])||_F^2 / ||L_c||_F^2`` with ``L_c`` the logits ``[p * p, p]`` centred over
+    the pairs. A logit table that depends on the pair only through ``a + b`` puts all of its variance on these
+    directions; a random one puts ``~1 / p`` of it there, spread over all frequencies.
+    """
+    centred = logits.double() - logits.double().mean(0, keepdim=True)
+    total = centred.pow(2).sum().clamp_min(1e-30)
+    share = [0.0] + [float(key_component(centred, p, [k]).pow(2).sum() / total) for k in range(1, (p - 1) // 2 + 1)]
+    return torch.tensor(share)
+
+
+def logit_key_frequencies(share: torch.Tensor, min_share: float = 0.005, max_k: int = 8) -> list[int]:
+    """Frequencies carrying at least ``min_share`` of the logits' variance (:func:`logit_spectrum`), the largest first,
+    at most ``max_k``. A random model's logits give each frequency ``~1 / (p (p - 1) / 2)`` (0.0007 at p = 53)."""
+    order = torch.argsort(share, descending=True)
+    return [int(k) for k in order[:max_k] if k > 0 and float(share[k]) >= min_share]
 
 
 def _loss(logits: torch.Tensor, p: int, mask: torch.Tensor | None) -> float:
@@ -175,7 +251,10 @@ class FourierThresholds:
       probability ``> e^-1`` on average (a model with no usable signal there scores ``~ln p``, 4.7 at p = 113).
     * ``min_excluded_gap = 1.0`` nats: removing the key frequencies raises the training loss by at least one nat
       over the full model's training loss (a memorising or untrained model loses ``~0``).
-    * ``max_keys = 8``, ``min_ratio = 3.0``: how key frequencies are picked (:func:`key_frequencies`).
+    * ``max_keys = 8``, ``min_ratio = 3.0``: how the embedding's key frequencies are picked
+      (:func:`key_frequencies`); ``min_neuron_frac = 0.5``, ``min_neurons = 0.02``: how the neurons' are
+      (:func:`neuron_key_frequencies`); ``min_logit_share = 0.005``: which logit frequencies join them
+      (:func:`logit_key_frequencies`).
     """
 
     min_sparsity: float = 0.5
@@ -183,6 +262,9 @@ class FourierThresholds:
     min_excluded_gap: float = 1.0
     max_keys: int = 8
     min_ratio: float = 3.0
+    min_neuron_frac: float = 0.5
+    min_neurons: float = 0.02
+    min_logit_share: float = 0.005
 
 
 @torch.no_grad()
@@ -191,19 +273,40 @@ def fourier_report(
     p: int,
     train_mask: torch.Tensor | None = None,
     thresholds: FourierThresholds = FourierThresholds(),
+    key_source: str = "neurons",
 ) -> dict[str, Any]:
     """Every Fourier measure of a model trained on ``a b = -> (a + b) mod p``, and the verdict.
 
+    The key frequencies come from the MLP neurons (``key_source="neurons"``, Nanda et al.'s way,
+    :func:`neuron_key_frequencies`; a model without an MLP falls back to the embedding), joined by the frequencies
+    that carry the logits (:func:`logit_key_frequencies`; with GELU neurons harmonics such as ``2k`` of a key
+    frequency ``k`` reach the logits; none when the neurons give no key), or from the embedding alone
+    (``"embedding"``, :func:`key_frequencies`): the embedding of a trained model can hold most of its energy in one
+    or two frequencies while the logits also need frequencies it carries weakly (measured at p = 53: the embedding
+    picks {2}, restricted loss 4.6; the neurons {2, 19}, 1.9; with the logits' harmonic 4 as well, 0.11).
+
     ``train_mask`` ``[p * p]`` bool marks the training pairs (index ``a * p + b``; e.g.
     :func:`train_mask_of` a ``ModularAdditionTask``); without it the losses are taken on all pairs. Keys:
-    ``share`` (list, per frequency), ``key_frequencies``, ``sparsity``, ``train_loss``, ``test_loss``,
+    ``share`` (list, per frequency), ``key_frequencies``, ``embedding_key_frequencies``, ``sparsity`` (the
+    embedding's energy share at ``key_frequencies``), ``train_loss``, ``test_loss``,
     ``test_accuracy`` (the full model), ``restricted_loss`` (all pairs), ``excluded_loss`` (training pairs),
     ``excluded_gap`` (excluded minus full training loss), ``formed`` and ``thresholds``.
     """
     w_e = model.get_input_embeddings().weight[:p]  # [p, d_model]: the number tokens
     share = embedding_spectrum(w_e, p)
-    keys = key_frequencies(share, thresholds.max_keys, thresholds.min_ratio)
+    embedding_keys = key_frequencies(share, thresholds.max_keys, thresholds.min_ratio)
+    mlp = getattr(getattr(model, "blocks", [None])[-1], "mlp", None)
     logits = all_pair_logits(model, p)  # [p*p, p]
+    logit_keys = logit_key_frequencies(logit_spectrum(logits, p), thresholds.min_logit_share, thresholds.max_keys)
+    if key_source == "neurons" and mlp is not None:
+        acts = mlp_activations(model, p)
+        neuron_keys = neuron_key_frequencies(
+            acts, p, thresholds.min_neuron_frac, thresholds.min_neurons, thresholds.max_keys
+        )
+        keys = list(dict.fromkeys(neuron_keys + logit_keys))[: thresholds.max_keys] if neuron_keys else []
+    else:
+        neuron_keys = None
+        keys = embedding_keys
     test_mask = None if train_mask is None else ~train_mask
     labels = (torch.arange(p).repeat_interleave(p) + torch.arange(p).repeat(p)) % p
     correct = logits.argmax(-1) == labels
@@ -211,6 +314,9 @@ def fourier_report(
         "p": p,
         "share": [round(float(s), 6) for s in share],
         "key_frequencies": keys,
+        "embedding_key_frequencies": embedding_keys,
+        "neuron_key_frequencies": neuron_keys,
+        "logit_key_frequencies": logit_keys,
         "sparsity": spectrum_sparsity(share, keys),
         "train_loss": _loss(logits, p, train_mask),
         "test_loss": _loss(logits, p, test_mask),
