@@ -147,3 +147,91 @@ def test_unknown_task_or_option_is_a_clear_error():
         make_task("induction", colour=1)
     with pytest.raises(HeadlabError, match="fixed_offset"):
         make_task("induction", fixed_offset=2)
+
+
+def test_icl_novel_training_sequences_are_bursty_with_random_labels():
+    task = make_task("icl", n_classes=64, n_novel=16, n_labels=4, p_novel=0.5)
+    label0 = task.n_classes + task.n_novel
+    batch = task.batch(2000, seed=0)
+    novel = batch["input_ids"][:, -1] >= task.n_classes
+    assert 0.45 < float(novel.float().mean()) < 0.55
+    labels_seen = set()
+    for ids, target in zip(batch["input_ids"][novel], batch["targets"][novel, -1]):
+        items, labels = ids[:-1:2].tolist(), ids[1:-1:2].tolist()
+        assert all(item >= task.n_classes for item in items)  # the whole sequence is novel items
+        assert items.count(int(ids[-1])) == task.burst
+        assert all(label == int(target) for item, label in zip(items, labels) if item == int(ids[-1]))
+        labels_seen.add((int(ids[-1]), int(target)))
+    # a novel item gets different labels in different sequences: no fixed mapping to memorise
+    by_item = {}
+    for item, label in labels_seen:
+        by_item.setdefault(item, set()).add(label)
+    assert all(len(v) > 1 for v in by_item.values())
+    for ids, target in zip(batch["input_ids"][~novel], batch["targets"][~novel, -1]):
+        assert int(target) == label0 + int(task.mapping[int(ids[-1])])
+    assert not (make_task("icl", p_novel=0.0).batch(500, seed=0)["input_ids"][:, -1] >= 128).any()
+
+
+def test_icl_zipf_query_class_frequency_matches_the_harmonic_weight():
+    task = make_task("icl", n_classes=512, zipf_alpha=1.0, p_novel=0.0)
+    queries = task.batch(20000, seed=0, split="iw")["input_ids"][:, -1]
+    harmonic = sum(1 / k for k in range(1, 513))  # 6.8029...
+    assert abs(float((queries == 0).float().mean()) - 1 / harmonic) < 0.01  # 0.147
+    assert abs(float((queries == 1).float().mean()) - 0.5 / harmonic) < 0.01  # 0.073
+
+
+def test_modular_addition_full_batch_is_the_whole_training_set_once():
+    task = make_task("modular_addition", p=13, train_fraction=0.3)
+    n_train = int(0.3 * 169)  # 50
+    batch = task.batch(n_train, seed=0, split="train")
+    a, b = batch["input_ids"][:, 0], batch["input_ids"][:, 1]
+    pairs = (a * 13 + b).tolist()
+    assert len(pairs) == n_train and sorted(pairs) == sorted(task.pairs["train"].tolist())
+    small = task.batch(30, seed=1, split="train")["input_ids"]
+    assert len(set((small[:, 0] * 13 + small[:, 1]).tolist())) == 30  # distinct pairs
+
+
+def test_icl_bursty_context_repeats_two_classes_so_the_majority_label_does_not_answer():
+    task = make_task("icl", n_classes=64, n_novel=16, n_labels=8, n_context=8, burst=3, ways=2, p_novel=0.0)
+    batch = task.batch(200, seed=0, split="ic")
+    for ids in batch["input_ids"]:
+        items, query = ids[:-1:2].tolist(), int(ids[-1])
+        counts = sorted((items.count(i) for i in set(items)), reverse=True)
+        assert counts == [3, 3, 1, 1]  # two classes three times each, two singletons
+        assert items.count(query) == 3
+    # with ways = 1 the query's class is the only one that repeats (the old layout)
+    one = make_task("icl", n_classes=64, n_novel=16, ways=1).batch(50, seed=0, split="ic")
+    for ids in one["input_ids"]:
+        items = ids[:-1:2].tolist()
+        assert sorted((items.count(i) for i in set(items)), reverse=True) == [3, 1, 1, 1, 1, 1]
+
+
+def test_icl_flip_split_shifts_every_label_of_the_training_classes():
+    task = make_task("icl", n_classes=64, n_novel=16, n_labels=8)
+    label0 = task.n_classes + task.n_novel
+    batch = task.batch(100, seed=0, split="flip")
+    for ids, target in zip(batch["input_ids"], batch["targets"][:, -1]):
+        items, labels, query = ids[:-1:2].tolist(), ids[1:-1:2].tolist(), int(ids[-1])
+        assert query < task.n_classes and items.count(query) == task.burst
+        assert all(label == label0 + (int(task.mapping[item]) + 1) % 8 for item, label in zip(items, labels))
+        assert int(target) == label0 + (int(task.mapping[query]) + 1) % 8
+
+
+def test_iteration_polynomial_rule_follows_s_t_equals_s_prev_times_x_plus_one_mod_11():
+    task = make_task("iteration", min_bits=2, max_bits=5, rule="polynomial")
+    assert task.vocab_size == 13  # values 0..10, SEP = 11, PAD = 12
+    batch = task.batch(64, seed=0)
+    for ids, targets, mask in zip(batch["input_ids"], batch["targets"], batch["iteration_mask"]):
+        n = ids.tolist().index(11)  # SEP
+        xs = ids[:n].tolist()
+        assert all(1 <= x <= 10 for x in xs)
+        states, s = [], 0
+        for x in xs:
+            s = (s * x + 1) % 11
+            states.append(s)
+        assert targets[n : 2 * n].tolist() == states
+        assert ids[n + 1 : 2 * n + 1].tolist() == states and set(ids[2 * n + 1 :].tolist()) <= {12}
+        assert [(int(q), int(k)) for q, k in mask.nonzero()] == [(n + t, t) for t in range(n)]
+    # a worked example: x = (3, 5) gives s_1 = 0 * 3 + 1 = 1, s_2 = 1 * 5 + 1 = 6
+    s1 = (0 * 3 + 1) % 11
+    assert (s1, (s1 * 5 + 1) % 11) == (1, 6)

@@ -6,6 +6,11 @@ Sequence ``a b =``; the ``=`` position predicts ``(a + b) mod p``. Training sees
 train accuracy is the grokking signature. Target head function: operand attention (Nanda et al.'s heads read
 ``a`` and ``b`` from ``=``; ``operand_mask`` marks those keys). Metric: test accuracy and cross-entropy.
 Tokens ``0 .. p - 1`` are numbers, ``p`` is ``=``.
+
+A batch of at most as many pairs as the split holds draws them without replacement, so ``batch_size`` equal to the
+number of training pairs (``int(train_fraction * p * p)``) is exactly one pass over the training set, Nanda et
+al.'s full-batch training. (Drawn with replacement, such a batch held only ~63% of the distinct pairs, some twice.)
+Larger batches draw with replacement.
 """
 
 from __future__ import annotations
@@ -50,7 +55,10 @@ class ModularAdditionTask(Task):
 
     def _sample(self, batch_size: int, generator: torch.Generator, split: str) -> Batch:
         pool = self.pairs[split]
-        index = pool[randint(len(pool), (batch_size,), generator)]
+        if batch_size <= len(pool):  # distinct pairs; the whole split when batch_size == len(pool)
+            index = pool[torch.randperm(len(pool), generator=generator)[:batch_size]]
+        else:
+            index = pool[randint(len(pool), (batch_size,), generator)]
         a, b = index // self.p, index % self.p
         tokens = torch.stack((a, b, torch.full_like(a, self.p)), dim=1)
         targets = torch.full_like(tokens, IGNORE)
