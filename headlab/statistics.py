@@ -32,12 +32,16 @@ def paired_greater_p(differences: np.ndarray) -> np.ndarray:
     difference is equal the test degenerates: ``p = 0`` for a positive constant, ``1`` otherwise; fewer than two
     samples give ``p = 1``.
     """
+    import warnings
+
     from scipy.stats import t as student
 
     d = np.asarray(differences, dtype=np.float64)
     n = np.sum(~np.isnan(d), axis=0)
-    mean = np.nanmean(np.where(n > 0, d, 0.0), axis=0) if d.size else np.zeros(d.shape[1:])
-    sd = np.nanstd(d, axis=0, ddof=1) if d.shape[0] > 1 else np.zeros(d.shape[1:])
+    with warnings.catch_warnings():  # columns with < 2 samples are answered below (p = 1)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(np.where(n > 0, d, 0.0), axis=0) if d.size else np.zeros(d.shape[1:])
+        sd = np.nanstd(d, axis=0, ddof=1) if d.shape[0] > 1 else np.zeros(d.shape[1:])
     with np.errstate(divide="ignore", invalid="ignore"):
         t = mean / (sd / np.sqrt(np.maximum(n, 1)))
         p = student.sf(t, np.maximum(n - 1, 1))

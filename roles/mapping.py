@@ -218,7 +218,7 @@ class TargetSummary:
 
     role: str
     scored: bool
-    formed: bool = False  # one functional head (layer >= 1 for induction), or the detected group beats random groups
+    formed: bool = False  # a functional head (layer >= 1 for induction, iteration), or the group beats random
     layer: int | None = None
     head: int | None = None
     score: float | None = None

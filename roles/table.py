@@ -49,6 +49,15 @@ DTYPES = {
 REQUIRED = ("layer", "head", "role", "score", "floor", "control", "p_adjusted", "detected")
 
 
+NEEDS_A_LAYER_BELOW = ("induction", "iteration")
+"""Roles whose circuit needs a head in an earlier layer, so that a layer-0 score comes from position, not from the
+mechanism. Induction: the previous-token head below it (Olsson et al. 2022). Iteration: the first-layer head that
+finds the end of the input, which tells the iteration head how far back ``x_t`` lies (Cabannes et al. 2024); in
+layer 0 the "diagonal" can only be read off positions (the SEP query always finds ``x_1`` at position 0, and short
+inputs leave few candidates), which is how a 2-layer model's layer-0 head scored 0.41 beside a layer-1 head at 0.29.
+"""
+
+
 @dataclass
 class RoleTable:
     """One row per (layer, head, role); ``frame`` holds the columns above with their types."""
@@ -140,19 +149,21 @@ class RoleTable:
         return rows[rows["functional"].fillna(False).astype(bool)]
 
     def best_head(self, role: str) -> pd.Series | None:
-        """The highest-scoring head of ``role`` (a row of the table), or None when the role was not scored."""
+        """The highest-scoring head of ``role`` (a row of the table), or None when the role was not scored; for the
+        roles of :data:`NEEDS_A_LAYER_BELOW`, the best in layer >= 1 where the model has such layers."""
         rows = self.rows(role)
+        if role in NEEDS_A_LAYER_BELOW and (rows["layer"] >= 1).any():
+            rows = rows[rows["layer"] >= 1]
         if rows.empty:
             return None
         return rows.loc[rows["score"].idxmax()]
 
     def formed(self, role: str) -> bool:
         """Did the task's target function form in a single head? Some head of ``role`` is detected and functional;
-        for induction it must sit in layer >= 1 (an induction head needs a previous-token head below it; a layer-0
-        "induction" score comes from position, not from the circuit). See also the group criterion of
+        for the roles of :data:`NEEDS_A_LAYER_BELOW` it must sit in layer >= 1. See also the group criterion of
         :class:`roles.mapping.TargetSummary`."""
         rows = self.functional_rows(role)
-        if role == "induction":
+        if role in NEEDS_A_LAYER_BELOW:
             rows = rows[rows["layer"] >= 1]
         return not rows.empty
 

@@ -51,6 +51,10 @@ def test_toy_writes_the_run_directory_contract(run_dir):
     assert len(roles[roles["role"] == "induction"]) == 2 * 2  # every (layer, head)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["target"]["role"] == "induction" and metrics["steps"] == 20
+    # a one-seed run has the files of a `--seeds N` run too (the contract holds for any N >= 1)
+    assert metrics["target_formed_fraction"] == float(metrics["target"]["formed"])
+    reemergence = pd.read_csv(run_dir / "reemergence.csv")
+    assert set(reemergence["role"]) == set(roles["role"]) and (reemergence["seeds"] == 1).all()
     # the files agree with each other: roles.csv holds the last tracked step's scores, the mean ablation of
     # ablations.csv, the detection rule (floor and BH-corrected control test), and metrics.json the last point of
     # the evaluation curve
@@ -137,3 +141,17 @@ def test_saved_config_parses_back_into_the_same_run(run_dir):
     cfg = parser.parse_args(["--config", str(run_dir / "config.yaml")])
     assert cfg.task == "induction" and cfg.task_options == TINY and cfg.train.steps == 20
     assert cfg.model.d_model == 16 and cfg.detection.n_null == 2
+
+
+def test_modular_addition_target_is_the_fourier_mechanism(tmp_path):
+    # a few hundred full-batch steps on p = 23 are enough for the report to be computed (not for it to form)
+    out = toy(task="modular_addition", task_options={"p": 23, "train_fraction": 0.5}, out=tmp_path / "mod",
+              model=ToyConfig(n_layers=1, n_heads=2, d_model=32, attn_only=False, d_mlp=64, layer_norm=False),
+              train=TrainConfig(steps=30, batch_size=264, track_every=10, eval_batch_size=265),
+              detection=FAST_DETECT, logger="none", seed=0)
+    metrics = json.loads((out / "metrics.json").read_text())
+    target, mechanism = metrics["target"], metrics["mechanism"]
+    assert target["role"] == "fourier" and mechanism["p"] == 23 and len(mechanism["share"]) == 12  # 11 freq + 0
+    assert target["formed"] == (target["detected"] and target["functional"]) == mechanism["formed"]
+    assert metrics["target_formed_fraction"] == float(target["formed"])
+    assert (out / "roles.csv").exists()  # the head map is still written

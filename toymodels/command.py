@@ -62,5 +62,5 @@ def toy(
 
         with run_directory(out, "toy"):
             return train_seeds(the_task, config)
-    train_single(the_task, config)
+    train_single(the_task, config, report=True)
     return Path(out)

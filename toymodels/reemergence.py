@@ -3,9 +3,10 @@
 Written by ``toy --seeds N`` into ``OUT`` (``reemergence`` does the same for run directories trained anywhere):
 
 ``reemergence.csv``
-    one row per role: the fraction of seeds where it was *detected* (a head above the null threshold) and where it
-    *emerged* (a detected head that is also functional, i.e. passes the ablation check), the layers its best head sits
-    in, its redundancy (functional heads per seed that has it) and the spread of its emergence step.
+    one row per role: the fraction of seeds where it was *detected* (a head passes the detection rule of
+    :mod:`roles.rule`: effect-size floor and within-head control) and where it *emerged* (a detected head that is
+    also functional, i.e. passes the ablation check), the layers its best head sits in, its redundancy (functional
+    heads per seed that has it; ``detected_mean``: detected heads per seed) and the spread of its emergence step.
 ``matching.csv`` / ``slots.csv``
     heads matched across seeds. Heads of one layer are interchangeable (permuting them changes nothing), so each
     seed's heads are matched, layer by layer, to canonical *slots* with the Hungarian algorithm
@@ -135,11 +136,13 @@ def _role_rows(runs, roles: Sequence[str]) -> list[dict[str, Any]]:
         detected_seeds = emerged_seeds = 0
         layers: list[int] = []
         redundancy: list[int] = []
+        n_detected: list[int] = []
         for _, table, _ in runs:
             rows_role = table[table["role"] == role]
             detected = rows_role[rows_role["detected"].astype(bool)]
             functional = rows_role[rows_role["functional"].fillna(False).astype(bool)]
             detected_seeds += not detected.empty
+            n_detected.append(len(detected))
             if functional.empty:
                 continue
             emerged_seeds += 1
@@ -157,16 +160,20 @@ def _role_rows(runs, roles: Sequence[str]) -> list[dict[str, Any]]:
                 "layers": " ".join(f"L{layer}:{count}" for layer, count in counts.items()),
                 "redundancy_mean": float(np.mean(redundancy)) if redundancy else 0.0,
                 "redundancy_max": int(max(redundancy)) if redundancy else 0,
+                "detected_mean": float(np.mean(n_detected)),
                 **{f"emerged_step_{key}": value for key, value in spread.items()},
             }
         )
     return rows
 
 
-def reemergence(run_dirs: Sequence[Path], out: Path) -> Reemergence:
-    """The re-emergence report of finished toy runs of one architecture (one per seed); writes it into ``out``."""
+def reemergence(run_dirs: Sequence[Path], out: Path, min_runs: int = 2) -> Reemergence:
+    """The re-emergence report of finished toy runs of one architecture (one per seed); writes it into ``out``.
+
+    ``min_runs`` is 2 for the ``reemergence`` command (one run re-emerges trivially); ``toy --seeds 1`` writes the
+    one-seed report with ``min_runs=1`` so that every ``--seeds N`` run has the same files."""
     runs = _read_runs(run_dirs)
-    if len(runs) < 2:
+    if len(runs) < min_runs:
         raise HeadlabError("a re-emergence report needs at least 2 runs; pass more seeds")
     roles = [role for role in dict.fromkeys(runs[0][1]["role"]) if all(role in set(t["role"]) for _, t, _ in runs)]
     role_frame = pd.DataFrame(_role_rows(runs, roles))

@@ -29,6 +29,7 @@ from roles.null import NullStats, null_distribution
 from roles.rule import floor_of
 from roles.table import RoleTable
 from toymodels.emergence import EmergenceTracker, emerged_steps, log_linear_schedule, phase_change_step
+from toymodels.mechanisms import MECHANISMS, MechanismTarget
 from toymodels.modeling import ToyTransformer
 from toymodels.plots import plot_loss, plot_scores_over_steps
 from toymodels.training import TaskDataModule, ToyConfig, ToyLitModule, TrainConfig
@@ -82,7 +83,7 @@ class SeedResult:
     out: Path
     metrics: dict[str, Any]
     table: RoleTable
-    target: TargetSummary
+    target: TargetSummary | MechanismTarget
 
     def lines(self) -> list[str]:
         m = self.metrics
@@ -179,6 +180,9 @@ def finish_seed(run: SeedRun, the_task: Task, train_log: list[tuple[int, float]]
     target = TargetSummary.of(head_map, the_task.role, detection.min_effect)
     if target.emerged_step is not None:
         target.emerged_seconds = next(s.seconds for s in history if s.step == target.emerged_step)
+    mechanism = {}
+    if the_task.name in MECHANISMS:  # a whole-model mechanism (modular addition's Fourier features) is the target
+        target, mechanism["mechanism"] = MECHANISMS[the_task.name](net, the_task)
 
     net.save_pretrained(run.out / "model")
     write_map(run.out, head_map, f"{the_task.name}: functional heads")
@@ -191,6 +195,7 @@ def finish_seed(run: SeedRun, the_task: Task, train_log: list[tuple[int, float]]
         "task": the_task.name,
         "seed": seed,
         "target": target.as_dict(),
+        "target_formed_fraction": float(target.formed),  # of this one seed (a --seeds N run: over N seeds)
         "phase_change_step": phase,
         "final_eval": {"loss": losses[-1], "accuracy": history[-1].eval_accuracy},
         "splits": split_metrics(net, the_task, seed, train.eval_batch_size),
@@ -199,6 +204,7 @@ def finish_seed(run: SeedRun, the_task: Task, train_log: list[tuple[int, float]]
         "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - started,
         "seconds_per_step": train_seconds / max(train.steps, 1),
+        **mechanism,
         **(extra or {}),
     }
     atomic_write_json(run.out / "metrics.json", metrics)
@@ -219,10 +225,18 @@ def log_to_wandb(run_logger, result: SeedResult) -> None:
     )
 
 
-def train_single(the_task: Task, config: RunConfig) -> SeedResult:
-    """Train one seed alone and write its run directory (claimed for the whole run); prints the summary lines."""
+def train_single(the_task: Task, config: RunConfig, report: bool = False) -> SeedResult:
+    """Train one seed alone and write its run directory (claimed for the whole run); prints the summary lines.
+
+    With ``report`` (``toy --seeds 1``) the directory also gets the one-seed re-emergence report
+    (``reemergence.csv``, ...), so that every ``--seeds N`` run has the same files."""
     with run_directory(config.out, "toy"):
-        return _train_single(the_task, config)
+        result = _train_single(the_task, config)
+        if report:
+            from toymodels.reemergence import reemergence
+
+            reemergence([result.out], result.out, min_runs=1)
+        return result
 
 
 def _train_single(the_task: Task, config: RunConfig) -> SeedResult:

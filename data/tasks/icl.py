@@ -9,7 +9,8 @@ configs), so copying the label that followed a matching item (an induction head)
 context is random and only the memorised mapping helps. With ``ways = 1`` the query's label is the only label
 that repeats in the context, and "copy the most frequent label" answers without matching any item (a shortcut
 that made this task's ``ic`` accuracy say nothing about induction heads). Splits: ``train``; ``iw`` (in-weights:
-the query's class is absent from the context, only the mapping can answer); ``ic`` (in-context: novel items, whose
+the query's class is absent from the context, only the mapping can answer; every non-bursty context is like that);
+``ic`` (in-context: novel items, whose
 labels are drawn at random per sequence, only the context can answer); ``flip`` (training classes in bursty
 contexts whose labels are all shifted to ``(label + 1) mod n_labels``, Reddy's ``flip_labels`` test set: context
 and memorised mapping disagree, accuracy is scored against the context). Target head function: induction.
@@ -118,6 +119,6 @@ class ICLTask(Task):
         batch = self._sequences(n, generator, novel=False, bursty=bursty)
         if self.p_novel > 0:
             use = (torch.rand(n, generator=generator) < self.p_novel)[:, None]  # [B, 1]
-            novel = self._sequences(n, generator, novel=True, bursty=torch.ones(n, dtype=torch.bool))
+            novel = self._sequences(n, generator, novel=True, bursty=bursty)  # as bursty as the rest
             batch = {k: torch.where(use, novel[k], batch[k]) for k in batch}
         return batch
