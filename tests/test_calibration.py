@@ -61,3 +61,24 @@ def test_random_models_detect_at_most_one_percent_of_head_role_pairs(arch, batch
         pairs += sum(v.detected.numel() for v in verdicts.values())
     assert pairs == MODELS * 2 * 4 * len(names)
     assert detected / pairs <= 0.01, f"{arch}: {detected} of {pairs} random (head, role) pairs detected"
+
+
+def test_fourier_mechanism_is_never_found_in_untrained_modular_addition_models():
+    # the modular-addition config's architecture (configs/toy/modular_addition.yaml) at p = 53, 20 models at the toy
+    # init (std 0.02) and 20 at std 128^-0.25 (Nanda et al.'s larger scale): a rule that passes none of 40 has a
+    # false-positive rate below 7.2% at 95% confidence (1 - 0.05^(1/40)); none may pass
+    from toymodels.fourier import fourier_report, train_mask_of
+
+    task = make_task("modular_addition", p=53, train_fraction=0.5)
+    passed, keys = 0, 0
+    for std in (0.02, 128**-0.25):
+        for seed in range(20):
+            torch.manual_seed(seed)
+            config = toymodels.ToyTransformerConfig(vocab_size=54, max_position_embeddings=3, hidden_size=128,
+                                                    num_hidden_layers=1, num_attention_heads=4, attn_only=False,
+                                                    intermediate_size=512, layer_norm=False, initializer_range=std)
+            report = fourier_report(toymodels.ToyTransformer(config).eval(), 53, train_mask_of(task))
+            passed += report["formed"]
+            keys += bool(report["key_frequencies"])
+    print(f"fourier calibration: {passed}/40 untrained models pass, {keys}/40 have any key frequency")
+    assert passed == 0

@@ -1,8 +1,9 @@
 """Science check: in-context classification appears only when the training data is bursty (Chan et al. 2022).
 
 Two runs of the real ``toy`` command on ``configs/toy/icl.yaml``'s task and model (Reddy 2023's 2-layer, 1-head
-network; Chan et al.'s 3-shot 2-way bursts), differing only in ``p_bursty``: 0.9 (the config) and 0 (no training
-context ever holds the query's class). Both are scored on the same held-out ``ic`` split: novel items in bursty
+network; Chan et al.'s 3-shot 2-way bursts), differing only in burstiness: the config (p_bursty 0.9 for sequences of
+training classes, novel-item sequences always bursty) and none at all (p_bursty 0 and ``bursty_novel`` off: no
+training context ever holds the query's class). Both are scored on the same held-out ``ic`` split: novel items in bursty
 contexts, with labels drawn per sequence, so only the context can answer.
 """
 
@@ -25,17 +26,18 @@ pytestmark = pytest.mark.slow
 CONFIG = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "toy" / "icl.yaml").read_text())
 
 
-def _run(tmp_path_factory, p_bursty: float) -> dict:
-    out = tmp_path_factory.mktemp(f"icl-bursty-{p_bursty}")
-    toy(task="icl", task_options={**CONFIG["task_options"], "p_bursty": p_bursty}, out=out,
+def _run(tmp_path_factory, bursty: bool) -> dict:
+    out = tmp_path_factory.mktemp(f"icl-bursty-{bursty}")
+    options = CONFIG["task_options"] if bursty else {**CONFIG["task_options"], "p_bursty": 0.0, "bursty_novel": False}
+    toy(task="icl", task_options=options, out=out,
         model=ToyConfig(**CONFIG["model"]), train=TrainConfig(**{**CONFIG["train"], "track_every": 1000}),
         detection=DetectConfig(n_null=1), logger="none", seed=0)
     return json.loads((out / "metrics.json").read_text())
 
 
 def test_in_context_classification_appears_only_with_bursty_training_data(tmp_path_factory):
-    bursty = _run(tmp_path_factory, 0.9)
-    plain = _run(tmp_path_factory, 0.0)
+    bursty = _run(tmp_path_factory, True)
+    plain = _run(tmp_path_factory, False)
     # both learn the memorised mapping (the query's class absent from the context)
     assert bursty["splits"]["iw"]["accuracy"] > 0.95 and plain["splits"]["iw"]["accuracy"] > 0.95
     # only the bursty model reads novel items' labels off the context (chance: 1/32, or 1/2 among the two

@@ -150,7 +150,7 @@ def test_unknown_task_or_option_is_a_clear_error():
 
 
 def test_icl_novel_training_sequences_are_bursty_with_random_labels():
-    task = make_task("icl", n_classes=64, n_novel=16, n_labels=4, p_novel=0.5, p_bursty=1.0)
+    task = make_task("icl", n_classes=64, n_novel=16, n_labels=4, p_novel=0.5, p_bursty=0.0)
     label0 = task.n_classes + task.n_novel
     batch = task.batch(2000, seed=0)
     novel = batch["input_ids"][:, -1] >= task.n_classes
@@ -173,9 +173,9 @@ def test_icl_novel_training_sequences_are_bursty_with_random_labels():
 
 
 def test_icl_non_bursty_training_never_shows_the_query_class_in_context():
-    # p_bursty = 0 (Chan et al.'s non-bursty arm): novel and training sequences alike hold the query's class nowhere
-    # in the context, so the context never answers and in-context learning has nothing to gain
-    task = make_task("icl", n_classes=64, n_novel=16, n_labels=4, p_novel=0.5, p_bursty=0.0)
+    # p_bursty = 0 with bursty_novel off (Chan et al.'s non-bursty arm): novel and training sequences alike hold the
+    # query's class nowhere in the context, so the context never answers and in-context learning has nothing to gain
+    task = make_task("icl", n_classes=64, n_novel=16, n_labels=4, p_novel=0.5, p_bursty=0.0, bursty_novel=False)
     ids = task.batch(1000, seed=0)["input_ids"]
     assert (ids[:, -1] >= task.n_classes).any() and (ids[:, -1] < task.n_classes).any()  # both kinds occur
     assert not (ids[:, :-1:2] == ids[:, -1:]).any()
