@@ -22,7 +22,6 @@ all-heads probe reads whole shards sequentially and transposes each into head-ma
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from headlab.errors import HeadlabError
+from headlab.runs import read_json_object
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -332,10 +332,4 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
     file = Path(path) / MANIFEST
     if not file.exists():
         return None
-    try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise HeadlabError(f"{file} is not valid JSON ({error}); delete the cache directory and rebuild it") from error
-    if not isinstance(manifest, dict):
-        raise HeadlabError(f"{file} holds no manifest object; delete the cache directory and rebuild it")
-    return manifest
+    return read_json_object(file, "delete the cache directory and rebuild it")

@@ -58,6 +58,19 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(to_plain(obj), indent=2, sort_keys=False) + "\n")
 
 
+def read_json_object(path: str | Path, fix: str) -> dict[str, Any]:
+    """The JSON object in ``path``; a file that is not valid JSON or holds no object is a one-line error ending in
+    ``fix`` (what the user should do, e.g. "rerun the toy run that wrote it")."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise HeadlabError(f"{path} is not valid JSON ({error}); {fix}") from error
+    if not isinstance(obj, dict):
+        raise HeadlabError(f"{path} holds no JSON object; {fix}")
+    return obj
+
+
 def to_plain(obj: Any) -> Any:
     """Convert dataclasses, paths, enums, tuples and numpy scalars into YAML/JSON-safe builtins."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

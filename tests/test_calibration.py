@@ -60,6 +60,7 @@ def test_random_models_detect_at_most_one_percent_of_head_role_pairs(arch, batch
         detected += sum(int(v.detected.sum()) for v in verdicts.values())
         pairs += sum(v.detected.numel() for v in verdicts.values())
     assert pairs == MODELS * 2 * 4 * len(names)
+    print(f"calibration {arch}: {detected} of {pairs} random (head, role) pairs detected ({detected / pairs:.2%})")
     assert detected / pairs <= 0.01, f"{arch}: {detected} of {pairs} random (head, role) pairs detected"
 
 

@@ -20,7 +20,6 @@ Written by ``toy --seeds N`` into ``OUT`` (``reemergence`` does the same for run
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +30,15 @@ import numpy as np
 import pandas as pd
 
 from headlab.errors import HeadlabError
-from headlab.runs import atomic_write_json, atomic_write_text, find_runs, run_directory, save_figure, to_plain
+from headlab.runs import (
+    atomic_write_json,
+    atomic_write_text,
+    find_runs,
+    read_json_object,
+    run_directory,
+    save_figure,
+    to_plain,
+)
 from roles.table import RoleTable
 
 
@@ -53,12 +60,7 @@ def _read_runs(run_dirs: Sequence[Path]) -> list[tuple[int, pd.DataFrame, dict[s
                 f"{run_dir} is not a finished toy run (no roles.csv or metrics.json); pass directories written by "
                 "`train.py toy`"
             )
-        try:
-            record = json.loads(metrics.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise HeadlabError(f"{metrics} is not valid JSON; rerun the toy run that wrote it") from error
-        if not isinstance(record, dict):
-            raise HeadlabError(f"{metrics} holds no metrics object; rerun the toy run that wrote it")
+        record = read_json_object(metrics, "rerun the toy run that wrote it")
         runs.append((int(record.get("seed", index)), RoleTable.read(roles).frame, record))
     shapes = {(int(t["layer"].max()) + 1, int(t["head"].max()) + 1) for _, t, _ in runs}
     if len(shapes) > 1:

@@ -48,7 +48,8 @@ def task_row(task: str, out: Path) -> dict[str, Any]:
     formed = sum(bool(t.get("formed")) for t in targets)
     single = sum(bool(t.get("functional")) for t in targets)
     group = sum(bool(t.get("group_functional")) for t in targets)
-    layers = pd.Series([t["layer"] for t in targets if t.get("functional")], dtype="Int64").value_counts()
+    layers = pd.Series([t["layer"] for t in targets if t.get("functional") and t.get("layer") is not None],
+                       dtype="Int64").value_counts()
     emerged = [float(t["emerged_step"]) for t in targets if t.get("formed") and t.get("emerged_step") is not None]
     row = {
         "task": task,

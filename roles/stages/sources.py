@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pandas as pd
 
 from headlab.errors import HeadlabError
 from headlab.models import load_model
-from headlab.runs import find_runs, seed_number
+from headlab.runs import find_runs, read_json_object, seed_number
 from roles.mapping import DetectConfig
 from roles.rule import PROPERTIES
 from roles.stages.real import real_stages
@@ -91,10 +90,7 @@ def load_toy_run(run_dir: Path) -> ModelHeads:
             f"{run_dir} has roles.csv but no model/config.json; pass a complete toy run directory "
             "(rerun `python train.py toy --out DIR`)"
         )
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise HeadlabError(f"{config_path} is not valid JSON; rerun the toy run that wrote it") from error
+    config = read_json_object(config_path, "rerun the toy run that wrote it")
     table = RoleTable.read(run_dir / "roles.csv")
     layers, heads = table.shape
     n_layers = int(config.get("num_hidden_layers") or layers)
