@@ -58,10 +58,18 @@ class _Block:
     """One block of heads with its data in float32 and its per-part sufficient statistics."""
 
     def __init__(self, x: np.ndarray, bounds: list[tuple[int, int]], gram_parts: set[int], sqrt_w: np.ndarray | None):
-        self.x = x  # [block, rows, d_head] float32, rows sorted by part
+        self.raw = x  # [block, rows, d_head] float32, rows sorted by part
         self.fit_rows = max(bounds[p][1] for p in gram_parts)
         if any(p not in gram_parts for p, (lo, _) in enumerate(bounds) if lo < self.fit_rows):
             raise ValueError("trained parts must come first in the sorted row order")
+        # The solver works on x - shift (shift: each dimension's mean over the trained rows), an exact
+        # reparametrisation (same weights, bias + w . shift). Uncentred, a head whose outputs sit far from zero
+        # relative to their spread (SmolLM2 L18H7: mean 0.04, std 0.002) has a float32 Gram dominated by
+        # mean mean^T, whose rounding error exceeds the small L2 penalty: the bound-optimisation matrix stops
+        # bounding the Hessian and Newton diverges to inf.
+        self.shift = x[:, :self.fit_rows].astype(np.float64).mean(1)  # [block, d]
+        x = (x - self.shift[:, None, :].astype(np.float32)).astype(np.float32)
+        self.x = x  # [block, rows, d_head] float32, centred
         self.sum = {}  # part -> [block, d]: column sums (unweighted)
         self.sum_sq = {}  # part -> [block, d]
         self.gram = {}  # part -> [block, d+1, d+1] float64: (class-weighted) Gram of [X, 1]
@@ -158,13 +166,14 @@ def fit_newton(hm: HeadMajor, problem: ProbeProblem, probe: ProbeConfig, layers:
         u, z, its, ok, flat = _solve_block(blk, fits, kind, curv, probe, row_w, targets, n_train, k)
         check_finite(z.transpose(0, 2, 1, 3), layers, n_heads, h0)  # ... and in the rows only scored
         weight[:, h0:h1] = u[:, :, :d].transpose(1, 0, 2, 3)
-        bias[:, h0:h1] = u[:, :, d].transpose(1, 0, 2)
+        raw_bias = u[:, :, d] - np.einsum("bfdk,bd->bfk", u[:, :, :d], blk.shift)  # undo the centring
+        bias[:, h0:h1] = raw_bias.transpose(1, 0, 2)
         scores[:, :, h0:h1] = z.transpose(2, 1, 0, 3)
         iterations[h0:h1] = its
         converged[:, h0:h1] = ok.T
         degenerate[h0:h1] = flat[:, problem.report_fit]
         if mass is not None:
-            mass.add(h0, blk.x)
+            mass.add(h0, blk.raw)
 
     run_blocks(solve, range(0, n_heads_total, hm.block_size), workers)
     unsorted = np.empty_like(scores)
@@ -215,6 +224,10 @@ def _solve_block(blk: _Block, fits, kind: str, curv: float, probe: ProbeConfig, 
     b_, _, d = x.shape
     n_fits = len(fits)
     penalty = np.zeros((b_, n_fits, d + 1))  # Lambda: l2 * scale_j^2, 0 for the bias
+    # gradient units: convergence is judged on the standardised weights' gradient; w_raw = w_std / scale_j, so
+    # d/dw_std = d/dw_raw / scale_j (a head whose outputs have std 0.002 would otherwise meet the tolerance with
+    # a standardised gradient 500x larger than asked for)
+    unit = np.ones((b_, n_fits, d + 1))
     h_inv = np.empty((b_, n_fits, d + 1, d + 1))
     degenerate = np.zeros((b_, n_fits), np.int64)
     inverted: dict[tuple[int, ...], int] = {}  # fits on the same rows (task, control) share one bound matrix
@@ -225,6 +238,8 @@ def _solve_block(blk: _Block, fits, kind: str, curv: float, probe: ProbeConfig, 
         scale, flat = standardisation_scale(np.sqrt(np.maximum(var, 0.0)))  # [B, d]
         degenerate[:, f] = flat.sum(-1)
         penalty[:, f, :d] = probe.l2 * (scale**2 if probe.standardize else 1.0)
+        if probe.standardize:
+            unit[:, f, :d] = 1.0 / scale
         if fit.train_parts in inverted:
             h_inv[:, f] = h_inv[:, inverted[fit.train_parts]]
             continue
@@ -265,7 +280,7 @@ def _solve_block(blk: _Block, fits, kind: str, curv: float, probe: ProbeConfig, 
     bound_steps = probe.max_iter if kind == "multiclass" else min(BOUND_STEPS, probe.max_iter)
     iteration = 0
     grad = gradient()
-    active = np.abs(grad).max((2, 3)) > probe.tol
+    active = np.abs(grad * unit[..., None]).max((2, 3)) > probe.tol
     while active.any() and iteration < bound_steps:
         iteration += 1
         step = -np.matmul(h_inv, grad) * active[..., None, None]  # [B, F, d+1, k]
@@ -274,12 +289,14 @@ def _solve_block(blk: _Block, fits, kind: str, curv: float, probe: ProbeConfig, 
         u += t[..., None, None] * step
         z += (t[:, None, :, None] * q).astype(np.float32)
         grad = gradient()
-        active = np.abs(grad).max((2, 3)) > probe.tol
+        active = np.abs(grad * unit[..., None]).max((2, 3)) > probe.tol
+    budget, exact_steps = probe.max_iter - iteration, 0  # each head gets the same budget of exact steps
     for b, f in zip(*np.nonzero(active)):
         steps, converged = _exact_newton(xf[b], u[b, f], z[b, :, f], targets[:, f], row_w[:, f], penalty[b, f],
-                                         probe.tol, probe.max_iter - iteration)
+                                         probe.tol, budget, unit[b, f])
         active[b, f] = not converged
-        iteration = max(iteration, BOUND_STEPS + steps)
+        exact_steps = max(exact_steps, steps)
+    iteration += exact_steps
     # training rows already hold their scores in z; only the held-out rows need a pass
     return u, np.concatenate([z, forward(u, x[:, fit_rows:])], 1), iteration, ~active, degenerate
 
@@ -288,16 +305,18 @@ BOUND_STEPS = 6
 
 
 def _exact_newton(x: np.ndarray, u: np.ndarray, z: np.ndarray, y: np.ndarray, w: np.ndarray, penalty: np.ndarray,
-                  tol: float, max_steps: int) -> tuple[int, bool]:
+                  tol: float, max_steps: int, unit: np.ndarray | None = None) -> tuple[int, bool]:
     """Newton's method with the exact Hessian ``X~^T diag(w p (1-p)) X~ + Lambda`` for one binary probe, in place
-    on ``u [d+1, 1]`` and ``z [R, 1]``. Returns the steps taken and whether the gradient fell below ``tol``."""
+    on ``u [d+1, 1]`` and ``z [R, 1]``. Returns the steps taken and whether the gradient (times ``unit [d+1]``, one over
+    the standardisation scales) fell below ``tol``."""
     d = x.shape[1]
     for steps in range(max_steps + 1):
         p = 1.0 / (1.0 + np.exp(-z[:, 0].astype(np.float64)))
         r = w * (p - y)
         grad = np.concatenate([x.T @ r.astype(np.float32), [r.sum()]]) + penalty * u[:, 0]
-        if np.abs(grad).max() <= tol or steps == max_steps:
-            return steps, bool(np.abs(grad).max() <= tol)
+        size = np.abs(grad if unit is None else grad * unit).max()
+        if size <= tol or steps == max_steps:
+            return steps, bool(size <= tol)
         curvature = np.sqrt(w * p * (1 - p)).astype(np.float32)[:, None]
         a = x * curvature
         hessian = np.empty((d + 1, d + 1))
@@ -317,7 +336,8 @@ def _exact_newton(x: np.ndarray, u: np.ndarray, z: np.ndarray, y: np.ndarray, w:
 def _line_search(z, q, u, step, penalty, targets, w_rows, kind: str, start: float = 1.0) -> np.ndarray:
     """Step length ``t [B, F]`` along ``step``: one 1-D Newton step from t = 1 on the exact objective, kept only
     where it beats the full step t = 1. For bound-optimisation steps t = 1 is guaranteed to descend and the
-    minimiser lies at t >= 1 (``start``); for exact Newton steps (``start = 0``) t is halved until it descends."""
+    minimiser lies at t >= 1 (``start``); for exact Newton steps (``start = 0``) t is halved until it descends, and so
+    is a bound step that rounding kept from descending."""
     reg_uu = (penalty[..., None] * step * u).sum((2, 3))  # [B, F]
     reg_dd = (penalty[..., None] * step * step).sum((2, 3))
 
@@ -332,11 +352,14 @@ def _line_search(z, q, u, step, penalty, targets, w_rows, kind: str, start: floa
     second = (curvature(zt, q, kind) * w_rows).sum(1) + reg_dd
     t = np.clip(1.0 - first / np.maximum(second, 1e-30), max(start, 1e-3), 1e4)
     best = np.where(objective(t) <= at_one, t, 1.0)
-    if start < 1.0:  # exact Newton: make sure the step descends
-        at_zero = objective(np.zeros_like(best))
-        for _ in range(30):
-            worse = objective(best) > at_zero
-            if not worse.any():
-                break
-            best = np.where(worse, best / 2, best)
+    # make sure the step descends: exact Newton steps may overshoot, and a bound step can fail to descend when
+    # float rounding of a near-singular Gram breaks the bound (there, a rise within float32 rounding of the loss
+    # is let through, so steps near the optimum are not halved away)
+    at_zero = objective(np.zeros_like(best))
+    slack = 0.0 if start < 1.0 else 1e-6 * np.abs(at_zero)
+    for _ in range(30):
+        worse = objective(best) > at_zero + slack
+        if not worse.any():
+            break
+        best = np.where(worse, best / 2, best)
     return best

@@ -76,9 +76,9 @@ class DetectConfig:
     def __post_init__(self) -> None:
         at_least("detection.batch_size", self.batch_size, 2)
         require(0 < self.alpha < 1, f"--detection.alpha {self.alpha} is not between 0 and 1")
-        at_least("detection.n_null", self.n_null, 0)
-        if 0 < self.n_null < 2:
-            at_least("detection.n_null", self.n_null, 2)
+        require(self.n_null == 0 or self.n_null >= 2,
+                f"--detection.n_null {self.n_null} is out of range: pass 0 to skip the random initialisations, or at "
+                "least 2 (their standard deviation needs two)")
         at_least("detection.effect_sigma", self.effect_sigma, 0)
         at_least("detection.min_effect", self.min_effect, 0)
         at_least("detection.eval_batch_size", self.eval_batch_size, 2, optional=True)

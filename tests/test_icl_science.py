@@ -31,7 +31,7 @@ def _run(tmp_path_factory, bursty: bool) -> dict:
     options = CONFIG["task_options"] if bursty else {**CONFIG["task_options"], "p_bursty": 0.0, "bursty_novel": False}
     toy(task="icl", task_options=options, out=out,
         model=ToyConfig(**CONFIG["model"]), train=TrainConfig(**{**CONFIG["train"], "track_every": 1000}),
-        detection=DetectConfig(n_null=1), logger="none", seed=0)
+        detection=DetectConfig(n_null=0), logger="none", seed=0)
     return json.loads((out / "metrics.json").read_text())
 
 

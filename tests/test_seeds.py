@@ -187,11 +187,25 @@ def test_reemergence_report_known_answer(tmp_path):
     assert "| induction | 2/3 | 2/3 |" in (tmp_path / "report" / "reemergence.md").read_text()
 
 
-def test_role_vectors_are_log_compressed_z_scores():
+def test_role_vectors_are_log_compressed_effects_over_the_floor():
     table = _table({(1, 0): 100})
     vectors = role_vectors(table, ["induction", "previous_token"])
-    z = (0.8 - 0.05) / 0.01
-    assert vectors[1, 0, 0] == pytest.approx(np.log1p(z)) and vectors[0, 1, 0] == pytest.approx(0.0)
+    effect = (0.8 - 0.05) / 0.3  # (score - control) / floor
+    assert vectors[1, 0, 0] == pytest.approx(np.log1p(effect)) and vectors[0, 1, 0] == pytest.approx(0.0)
+    table.loc[0, "control"] = np.nan  # a missing control counts as 0
+    assert role_vectors(table, ["induction"])[0, 0, 0] == pytest.approx(np.log1p(0.05 / 0.3))
+
+
+def test_reemergence_without_null_models(tmp_path):
+    """Runs made with --detection.n_null 0 have no null columns' values; the report must not need them."""
+    for seed, heads in enumerate([{(1, 0): 200}, {(1, 1): 300}]):
+        table = _table(heads)
+        table[["null_mean", "null_std"]] = np.nan
+        _write_run(tmp_path / f"seed-{seed}", seed, table, formed=True)
+    report = reemergence([tmp_path / "seed-0", tmp_path / "seed-1"], tmp_path / "report")
+    assert report.roles.set_index("role").loc["induction", "emerged_fraction"] == 1.0
+    layer1 = report.slots[report.slots["layer"] == 1]
+    assert sorted(layer1["n_induction"]) == [0, 2]  # the two seeds' induction heads matched into one slot
 
 
 @pytest.mark.slow

@@ -54,12 +54,15 @@ def test_detect_on_smollm2_finds_induction_heads_in_the_middle_layers(tmp_path, 
 
 def test_probe_on_a_smollm2_cache_survives_degenerate_heads(tmp_path):
     """The first real causal-LM cache made the Newton solver fail with a singular matrix (a float16 dimension with
-    a standard deviation of 5e-5 in head L0H2); it must run and find truth-carrying heads in the middle layers."""
-    assert main(["cache", "--model", "smollm2", "--dataset", "capitals", "--positions", "last", "--limit", "300",
+    a standard deviation of 5e-5 in head L0H2), then diverge to inf on L18H7 (outputs with std 0.002 around means
+    up to 0.13); it must run and find truth-carrying heads in the middle layers. All 906 statements: on 300 the
+    validation split (30 statements per class) picks the top heads too noisily for a stable bound."""
+    assert main(["cache", "--model", "smollm2", "--dataset", "capitals", "--positions", "last",
                  "--out", str(tmp_path / "cache")]) == 0
     assert main(["probe", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "probe"), "--logger",
                  "none"]) == 0
     heads = pd.read_csv(tmp_path / "probe" / "heads.csv")
     assert len(heads) == 270 and heads["accuracy"].notna().all()
+    assert heads["converged"].all()
     best = heads.sort_values("val_accuracy", ascending=False).head(10)
     assert best["accuracy"].mean() > 0.7 and best["layer"].median() >= 6

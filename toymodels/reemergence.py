@@ -11,7 +11,8 @@ Written by ``toy --seeds N`` into ``OUT`` (``reemergence`` does the same for run
     heads matched across seeds. Heads of one layer are interchangeable (permuting them changes nothing), so each
     seed's heads are matched, layer by layer, to canonical *slots* with the Hungarian algorithm
     (``scipy.optimize.linear_sum_assignment``) on the distance between role-score vectors: per head, each role's
-    score as a log-compressed z-score against its null, ``sign(z) * log1p(|z|)``. Slot centres start at the first
+    score's effect over its control in units of the role's floor, log-compressed (:func:`role_vectors`). Slot
+    centres start at the first
     seed's heads and are re-estimated as the mean of the matched vectors until the matching stops changing.
     ``slots.csv`` gives each slot's most frequent functional role and in how many seeds it holds it.
 ``reemergence.md``, ``reemergence.png``, ``seeds.json``
@@ -69,13 +70,18 @@ def _read_runs(run_dirs: Sequence[Path]) -> list[tuple[int, pd.DataFrame, dict[s
 
 
 def role_vectors(table: pd.DataFrame, roles: Sequence[str]) -> np.ndarray:
-    """``[layers, heads, roles]`` log-compressed z-scores ``sign(z) log1p(|z|)``, ``z = (score - null) / null_std``."""
+    """``[layers, heads, roles]`` log-compressed effect sizes ``sign(e) log1p(|e|)``, ``e = (score - control) /
+    floor``: how far each head's score sits above its own control, in units of the role's effect-size floor (the
+    same ingredients as the verdict of :mod:`roles.rule`, comparable across roles). A missing control counts as 0.
+    The random-initialisation null is not used: it is optional (``--detection.n_null 0``) and says only "more
+    structured than an untrained head"."""
     n_layers, n_heads = int(table["layer"].max()) + 1, int(table["head"].max()) + 1
     out = np.zeros((n_layers, n_heads, len(roles)))
     for r, role in enumerate(roles):
         rows = table[table["role"] == role]
-        z = (rows["score"] - rows["null_mean"]) / rows["null_std"].clip(lower=1e-8)
-        out[rows["layer"].to_numpy(), rows["head"].to_numpy(), r] = np.sign(z) * np.log1p(np.abs(z))
+        effect = (rows["score"] - rows["control"].fillna(0.0)) / rows["floor"].clip(lower=1e-8)
+        effect = effect.fillna(0.0).to_numpy()
+        out[rows["layer"].to_numpy(), rows["head"].to_numpy(), r] = np.sign(effect) * np.log1p(np.abs(effect))
     return out
 
 
