@@ -215,13 +215,11 @@ def fit_mass_mean(hm: HeadMajor, problem: ProbeProblem, workers: int | None = No
     return mass.result()
 
 
-def _solve_block(blk: _Block, fits, kind: str, curv: float, probe: ProbeConfig, row_w: np.ndarray,
-                 targets: np.ndarray, n_train: np.ndarray, k: int):
-    """Solve all fits for one block. Returns ``u [block, fits, d+1, k]`` (last row: bias), ``z [block, rows,
-    fits, k]``, the iteration count, ``converged [block, fits]`` and the near-constant dimensions of each head
-    on each fit's training rows, ``degenerate [block, fits]``."""
-    x = blk.x  # [B, N, d]
-    b_, _, d = x.shape
+def _penalties_and_bounds(blk: _Block, fits, curv: float, probe: ProbeConfig, n_train: np.ndarray):
+    """Per head and fit: the L2 penalty ``[B, F, d+1]`` (``l2 * scale_j^2``; 0 for the bias), the gradient units
+    ``[B, F, d+1]`` convergence is judged in, the inverse bound-optimisation matrix ``(curv G/n + Lambda)^-1``
+    ``[B, F, d+1, d+1]`` and the near-constant dimensions ``[B, F]``."""
+    b_, _, d = blk.x.shape
     n_fits = len(fits)
     penalty = np.zeros((b_, n_fits, d + 1))  # Lambda: l2 * scale_j^2, 0 for the bias
     # gradient units: convergence is judged on the standardised weights' gradient; w_raw = w_std / scale_j, so
@@ -246,6 +244,18 @@ def _solve_block(blk: _Block, fits, kind: str, curv: float, probe: ProbeConfig, 
         inverted[fit.train_parts] = f
         gram = sum(blk.gram[p] for p in fit.train_parts)
         h_inv[:, f] = damped_inverse(curv * gram / n + penalty[:, f, :, None] * np.eye(d + 1))
+    return penalty, unit, h_inv, degenerate
+
+
+def _solve_block(blk: _Block, fits, kind: str, curv: float, probe: ProbeConfig, row_w: np.ndarray,
+                 targets: np.ndarray, n_train: np.ndarray, k: int):
+    """Solve all fits for one block. Returns ``u [block, fits, d+1, k]`` (last row: bias), ``z [block, rows,
+    fits, k]``, the iteration count, ``converged [block, fits]`` and the near-constant dimensions of each head
+    on each fit's training rows, ``degenerate [block, fits]``."""
+    x = blk.x  # [B, N, d]
+    b_, _, d = x.shape
+    n_fits = len(fits)
+    penalty, unit, h_inv, degenerate = _penalties_and_bounds(blk, fits, curv, probe, n_train)
     # rows any fit trains on: parts are sorted and every part before the last trained one is trained on
     fit_rows = blk.fit_rows
     xf = x[:, :fit_rows]  # [B, R, d]
