@@ -6,7 +6,7 @@ On the same model and batch, in one run:
   TransformerLens-style patching loops do), fast attention kernel;
 * **headlab**: :func:`roles.attribution.screen_and_confirm`: every head's first-order effect from one forward and
   one backward pass, then exact ablation (reusing the clean prefix below the ablated layer) of the ``top_k`` heads
-  of the screen and ``n_random`` random heads.
+  of the screen by estimate and by absolute estimate, and ``n_random`` random heads.
 
 It prints the time of each arm and ends with ``ablation_bench speedup=<serial / headlab seconds>
 max_abs_diff=<largest |exact effect - serial effect| over the confirmed heads> top10_recall=<share of the serial

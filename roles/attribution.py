@@ -9,8 +9,9 @@ Circuit Discovery") takes the first-order Taylor term of the ablation instead::
     effect_b(l, h) ~= sum_t (z'_{b,t,h} - z_{b,t,h}) . dL_b / dz_{b,t,h}
 
 with ``z`` the head's output, ``z'`` its ablated value (mean, zero or resampled) and ``L_b`` sequence ``b``'s loss.
-It ranks heads well but can misjudge a head whose removal is far from linear, so :func:`screen_and_confirm` measures
-exactly every head a verdict rests on: the detected heads, the ``top_k`` heads of the screen, and ``n_random``
+It ranks heads well but can misjudge a head whose removal is far from linear, even in sign (Kramar et al. 2024,
+"AtP*", discuss such false negatives), so :func:`screen_and_confirm` measures exactly every head a verdict rests on:
+the detected heads, the ``top_k`` heads of the screen by estimate and by absolute estimate, and ``n_random``
 random other heads that set the reference a functional head must beat.
 """
 
@@ -83,11 +84,17 @@ def screen_and_confirm(model: nn.Module, batch: Batch, kind: AblationKind, must:
                        other_batch: Batch | None = None, top_k: int = 16, n_random: int = 8,
                        seed: int = 0) -> AblationResult:
     """Attribution estimates for every head, replaced by exact effects for the heads in ``must``, the ``top_k``
-    heads with the largest estimates, and ``n_random`` random other heads (drawn with ``seed``)."""
+    heads with the largest estimates, the ``top_k`` with the largest absolute estimates, and ``n_random`` random
+    other heads (drawn with ``seed``)."""
     screen = attribution_effects(model, batch, kind, other_batch)
     n_layers, n_heads = screen.effect.shape
     everyone = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
-    order = torch.argsort(screen.effect.flatten(), descending=True)[:top_k].tolist()
+    # the estimate's size says how much the loss depends on a head, its sign is less reliable: far from linear, a
+    # head whose removal matters a lot can get a large negative estimate (SmolLM2's L16H0: -0.70, exactly +4.72
+    # nats). So both the top_k largest estimates and the top_k largest in absolute value are confirmed.
+    flat = screen.effect.flatten()
+    order = torch.argsort(flat, descending=True)[:top_k].tolist() + torch.argsort(flat.abs(), descending=True)[
+        :top_k].tolist()
     chosen = set(must) | {everyone[i] for i in order}
     rest = [h for h in everyone if h not in chosen]
     picks = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))[:n_random].tolist()

@@ -60,7 +60,8 @@ class DetectConfig:
     """models with at most this many heads are ablated exactly head by head; larger ones are screened by
     attribution patching and confirmed exactly for the detected, the top_k and n_random random heads"""
     top_k: int = 16
-    """heads with the largest attribution estimates confirmed by exact ablation"""
+    """heads with the largest attribution estimates, and as many with the largest absolute estimates, confirmed by
+    exact ablation"""
     n_random: int = 8
     """random undetected heads ablated exactly: the reference a functional head must beat"""
     random_groups: int = 19
