@@ -361,15 +361,18 @@ def _line_search(z, q, u, step, penalty, targets, w_rows, kind: str, start: floa
     first = ((dz * q).sum(-1) * w_rows).sum(1) + reg_uu + reg_dd
     second = (curvature(zt, q, kind) * w_rows).sum(1) + reg_dd
     t = np.clip(1.0 - first / np.maximum(second, 1e-30), max(start, 1e-3), 1e4)
-    best = np.where(objective(t) <= at_one, t, 1.0)
+    at_t = objective(t)
+    best = np.where(at_t <= at_one, t, 1.0)
+    at_best = np.minimum(at_t, at_one)
     # make sure the step descends: exact Newton steps may overshoot, and a bound step can fail to descend when
     # float rounding of a near-singular Gram breaks the bound (there, a rise within float32 rounding of the loss
     # is let through, so steps near the optimum are not halved away)
     at_zero = objective(np.zeros_like(best))
     slack = 0.0 if start < 1.0 else 1e-6 * np.abs(at_zero)
     for _ in range(30):
-        worse = objective(best) > at_zero + slack
+        worse = at_best > at_zero + slack
         if not worse.any():
             break
         best = np.where(worse, best / 2, best)
+        at_best = objective(best)
     return best
