@@ -8,6 +8,7 @@ products (row-weight matrices times per-row indicators) rather than Python loops
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import expit
 from scipy.stats import norm, rankdata
 
 
@@ -23,7 +24,7 @@ def predictions(scores: np.ndarray, kind: str) -> np.ndarray:
 def probabilities(scores: np.ndarray, kind: str) -> np.ndarray:
     """``[rows, heads, classes]`` class probabilities (sigmoid or softmax of the logits)."""
     if kind == "binary":
-        p = 1.0 / (1.0 + np.exp(-scores[..., 0].astype(np.float64)))
+        p = expit(scores[..., 0].astype(np.float64))  # 1 / (1 + e^-z) without overflow warnings
         return np.stack([1 - p, p], -1)
     z = scores.astype(np.float64)
     z = np.exp(z - z.max(-1, keepdims=True))

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.special import expit
 
 from headlab.errors import HeadlabError
 from probes.config import ProbeConfig
@@ -321,7 +322,7 @@ def _exact_newton(x: np.ndarray, u: np.ndarray, z: np.ndarray, y: np.ndarray, w:
     the standardisation scales) fell below ``tol``."""
     d = x.shape[1]
     for steps in range(max_steps + 1):
-        p = 1.0 / (1.0 + np.exp(-z[:, 0].astype(np.float64)))
+        p = expit(z[:, 0].astype(np.float64))
         r = w * (p - y)
         grad = np.concatenate([x.T @ r.astype(np.float32), [r.sum()]]) + penalty * u[:, 0]
         size = np.abs(grad if unit is None else grad * unit).max()
