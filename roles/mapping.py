@@ -27,7 +27,7 @@ from roles.null import NullStats, null_distribution
 from roles.plots import plot_role_map
 from roles.registry import measure_heads
 from roles.rule import PROPERTIES, apply_rule
-from roles.table import RoleTable
+from roles.table import NEEDS_A_LAYER_BELOW, RoleTable
 
 log = logging.getLogger("headlab")
 
@@ -166,7 +166,7 @@ def map_heads(model: nn.Module, batches: Batches, role: str, cfg: DetectConfig, 
                                                        pattern_preserving=cfg.pattern_preserving)
         if role in verdicts:
             clock = time.perf_counter()
-            group = group_check(model, batches, verdicts[role].detected, cfg, seed)
+            group = group_check(model, batches, group_members(role, verdicts[role].detected), cfg, seed)
             log.info("group check of %s (%.1f s)", role, time.perf_counter() - clock)
     table = RoleTable.build(verdicts, ablations.get(cfg.ablation), null, emerged, cfg.effect_sigma, cfg.min_effect)
     return HeadMap(table, evidence, null or {}, ablations, group)
@@ -189,6 +189,16 @@ def _effects(model: nn.Module, batches: Batches, cfg: DetectConfig, detected: li
                                 pattern_preserving=cfg.pattern_preserving)
     return screen_and_confirm(model, batches.eval, cfg.ablation, detected, batches.other, cfg.top_k, cfg.n_random,
                               seed)
+
+
+def group_members(role: str, detected: torch.Tensor) -> torch.Tensor:
+    """The detected heads ``[layer, head]`` that the group criterion ablates together: for the roles of
+    :data:`roles.table.NEEDS_A_LAYER_BELOW`, those above layer 0, as for a single head's verdict (a group of
+    layer-0 "iteration" heads, which read the diagonal off positions, once passed the criterion in a 2-head model)."""
+    if role in NEEDS_A_LAYER_BELOW and detected.shape[0] > 1:
+        detected = detected.clone()
+        detected[0] = False
+    return detected
 
 
 def group_check(model: nn.Module, batches: Batches, detected: torch.Tensor, cfg: DetectConfig,
@@ -233,6 +243,7 @@ class TargetSummary:
     effect_reference: float | None = None
     n_detected: int = 0
     n_functional: int = 0
+    group_size: int = 0  # heads ablated together (the detected ones, above layer 0 where the role needs it)
     group_ablation_effect: float | None = None
     group_reference: float | None = None
     group_p_value: float | None = None
@@ -259,6 +270,7 @@ class TargetSummary:
             effect_method=None if pd.isna(row["effect_method"]) else str(row["effect_method"]),
             effect_reference=_float(row["effect_reference"]), n_detected=int(rows["detected"].sum()),
             n_functional=len(table.functional_rows(role)),
+            group_size=len(group.heads) if group else 0,
             group_ablation_effect=group.effect if group else None, group_reference=group.reference if group else None,
             group_p_value=group.p_value if group else None, group_functional=group_ok,
             emerged_step=None if pd.isna(row["emerged_step"]) else int(row["emerged_step"]),
@@ -285,7 +297,7 @@ class TargetSummary:
                       f"({self.effect_method}; random heads {self.effect_reference:+.3f})")
         group = ""
         if self.group_ablation_effect is not None:
-            group = (f", its {self.n_detected} detected heads together {self.group_ablation_effect:+.3f} vs random "
+            group = (f", {self.group_size} detected heads together {self.group_ablation_effect:+.3f} vs random "
                      f"groups {self.group_reference:+.3f} (p={self.group_p_value:.2f})")
         return (f"target role {self.role}: best head L{self.layer}H{self.head} score {self.score:.3f} (floor "
                 f"{self.floor:.2f}, control {self.control:.3f}, p_adj {self.p_adjusted:.2g}), {effect}{group}; "
