@@ -275,16 +275,3 @@ def name_copy(model: nn.Module | None, batch: Batch, top_k: int = 5) -> Evidence
         return indicator_evidence((top == names[None, :, None]).any(-1), (top == other[None, :, None]).any(-1))
 
     return _per_layer(model, layer, batch, names)
-
-
-def copying_score(model: nn.Module | None, batch: Batch) -> torch.Tensor:
-    return copying(model, batch).score
-
-
-def successor_score(model: nn.Module | None, batch: Batch) -> torch.Tensor:
-    return successor(model, batch).score
-
-
-def name_mover_score(model: nn.Module | None, batch: Batch) -> torch.Tensor:
-    """The copy score of :func:`name_copy` (the OV half of the name-mover detector)."""
-    return name_copy(model, batch).score

@@ -146,20 +146,8 @@ def operand_attention(model: nn.Module | None, batch: Batch) -> Evidence:
     return attention_evidence(patterns_of(model, batch), batch["operand_mask"], 1, (j <= i).expand(n, -1, -1))
 
 
-def previous_token_score(model: nn.Module | None, batch: Batch) -> torch.Tensor:
-    return previous_token(model, batch).score
 
 
-def duplicate_token_score(model: nn.Module | None, batch: Batch) -> torch.Tensor:
-    return duplicate_token(model, batch).score
-
-
-def induction_score(model: nn.Module | None, batch: Batch) -> torch.Tensor:
-    return induction(model, batch).score
-
-
-def attention_sink_score(model: nn.Module | None, batch: Batch) -> torch.Tensor:
-    return attention_sink(model, batch).score
 
 
 

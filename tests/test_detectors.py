@@ -16,8 +16,8 @@ import toymodels
 from headlab.errors import HeadlabError
 from roles import DETECTORS, score_heads
 from roles.null import null_distribution
-from roles.ov import copying_score, name_mover_score, successor_score
-from roles.patterns import attention_patterns, induction_score
+from roles.ov import copying, name_copy, successor
+from roles.patterns import attention_patterns, induction
 
 
 def _stack(*heads: torch.Tensor) -> torch.Tensor:
@@ -105,21 +105,21 @@ def _circuit_model(ov: list[torch.Tensor], vocab: int = 8) -> toymodels.ToyTrans
 
 def test_copying_score_is_one_for_identity_minus_one_for_negated_identity():
     eye = torch.eye(8)
-    scores = copying_score(_circuit_model([eye, -eye]), {})[0]
+    scores = copying(_circuit_model([eye, -eye]), {}).score[0]
     assert scores.tolist() == pytest.approx([1.0, -1.0], abs=1e-5)
 
 
 def test_successor_score_is_one_for_a_successor_permutation_and_zero_for_copying():
     succ = torch.roll(torch.eye(8), 1, dims=1)  # row t has its 1 at column t + 1 (mod 8)
     pairs = torch.tensor([[t, (t + 1) % 8] for t in range(8)])
-    scores = successor_score(_circuit_model([succ, torch.eye(8)]), {"successor_pairs": pairs})[0]
+    scores = successor(_circuit_model([succ, torch.eye(8)]), {"successor_pairs": pairs}).score[0]
     assert scores.tolist() == pytest.approx([1.0, 0.0])
 
 
 def test_name_mover_copy_score_counts_names_in_their_own_top5_logits():
     eye = torch.eye(8)
     names = torch.arange(4)
-    scores = name_mover_score(_circuit_model([eye, -eye]), {"name_tokens": names})[0]
+    scores = name_copy(_circuit_model([eye, -eye]), {"name_tokens": names}).score[0]
     assert scores.tolist() == pytest.approx([1.0, 0.0])
 
 
@@ -167,7 +167,7 @@ def test_missing_attention_patterns_fail_loudly():
             return SimpleNamespace(attentions=())
 
     with pytest.raises(HeadlabError, match="eager"):
-        induction_score(NoPatterns(), {"input_ids": PERIODIC})
+        induction(NoPatterns(), {"input_ids": PERIODIC})
 
 
 def test_null_distribution_pools_every_head_of_several_random_initialisations():
