@@ -69,7 +69,7 @@ class _Block:
         # mean mean^T, whose rounding error exceeds the small L2 penalty: the bound-optimisation matrix stops
         # bounding the Hessian and Newton diverges to inf.
         self.shift = x[:, :self.fit_rows].astype(np.float64).mean(1)  # [block, d]
-        x = (x - self.shift[:, None, :].astype(np.float32)).astype(np.float32)
+        x = x - self.shift[:, None, :].astype(np.float32)
         self.x = x  # [block, rows, d_head] float32, centred
         self.sum = {}  # part -> [block, d]: column sums (unweighted)
         self.sum_sq = {}  # part -> [block, d]

@@ -146,11 +146,6 @@ def operand_attention(model: nn.Module | None, batch: Batch) -> Evidence:
     return attention_evidence(patterns_of(model, batch), batch["operand_mask"], 1, (j <= i).expand(n, -1, -1))
 
 
-
-
-
-
-
 @register("name_mover", requires=("input_ids", "io_mask", "s_mask"))
 def name_mover(model: nn.Module | None, batch: Batch) -> Evidence:
     """Name mover, attention half: from the final position, attention to the indirect object (IO) name.
