@@ -85,13 +85,18 @@ def t5_model(w: World, tmp: Path) -> Path:
     return tmp / "t5"
 
 
-def damaged_cache(edit: Callable[[Path], None]) -> Callable[[World, Path], Path]:
+def damaged_copy(source: str, name: str, edit: Callable[[Path], None]) -> Callable[[World, Path], Path]:
+    """A case's input: a copy of the world's ``source`` folder (``cache`` or ``toy``) under ``name``, then ``edit``."""
     def make(w: World, tmp: Path) -> Path:
-        copy = _copy(w.cache, tmp / "damaged")
+        copy = _copy(getattr(w, source), tmp / name)
         edit(copy)
         return copy
 
     return make
+
+
+def damaged_cache(edit: Callable[[Path], None]) -> Callable[[World, Path], Path]:
+    return damaged_copy("cache", "damaged", edit)
 
 
 def _edit_rows(cache: Path) -> None:
@@ -105,12 +110,7 @@ def _truncate_shard(cache: Path) -> None:
 
 
 def toy_copy(edit: Callable[[Path], None]) -> Callable[[World, Path], Path]:
-    def make(w: World, tmp: Path) -> Path:
-        copy = _copy(w.toy, tmp / "toyrun")
-        edit(copy)
-        return copy
-
-    return make
+    return damaged_copy("toy", "toyrun", edit)
 
 
 def _sweep_file(tmp: Path, **overrides) -> Path:
