@@ -21,3 +21,23 @@ def at_least(option: str, value: float | None, minimum: float, *, optional: bool
         return
     require(value is not None and value >= minimum,
             f"--{option} {value} is out of range: it must be at least {minimum}")
+
+
+class Interrupted(BaseException):
+    """A signal stopped the run (SIGTERM from SLURM/Kubernetes, or SIGINT). Not an :class:`Exception`, so that
+    ``except Exception`` blocks let it through, like :class:`KeyboardInterrupt`.
+
+    The CLI ends with the conventional exit code ``128 + signum`` (143 for SIGTERM, 130 for SIGINT) and one line
+    saying what was interrupted and how to resume. Code that holds resumable state (a sweep's running trial, a
+    half-written shard) catches it, leaves that state resumable, and re-raises.
+    """
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = int(signum)
+        super().__init__(signal.Signals(self.signum).name)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
