@@ -48,3 +48,23 @@ def paired_greater_p(differences: np.ndarray) -> np.ndarray:
     flat = ~(sd > 0)  # zero spread (or undefined)
     p = np.where(flat, np.where(mean > 0, 0.0, 1.0), p)
     return np.where(n >= 2, p, 1.0)
+
+
+def monte_carlo_p(observed: float, reference: np.ndarray | list[float]) -> float:
+    """``(1 + #{|r| >= |observed|}) / (1 + n)``: the two-sided Monte Carlo p-value of ``observed`` among ``n``
+    reference draws under the null (Davison & Hinkley 1997, eq. 4.11; North et al. 2002). Under exchangeability
+    ``P(p <= k / (n + 1)) = k / (n + 1)`` exactly, so ``p <= alpha`` is a level-``alpha`` test. The smallest value it
+    can take is :func:`min_attainable_p`."""
+    ref = np.abs(np.asarray(reference, dtype=np.float64))
+    return float((1 + np.count_nonzero(ref >= abs(observed))) / (1 + ref.size))
+
+
+def min_attainable_p(n_reference: int) -> float:
+    """``1 / (n + 1)``: the smallest Monte Carlo p-value ``n`` reference draws allow. A check with
+    ``min_attainable_p(n) > alpha`` can never pass, whatever the data."""
+    return 1.0 / (1 + int(n_reference))
+
+
+def draws_for(alpha: float) -> int:
+    """The fewest reference draws ``n`` with ``1 / (n + 1) <= alpha`` (19 for 0.05, 99 for 0.01)."""
+    return max(1, int(np.ceil(1.0 / alpha - 1 - 1e-9)))

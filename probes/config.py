@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from headlab.errors import at_least, require
+from headlab.statistics import draws_for
 
 Backend = Literal["headlab", "sklearn"]
 Solver = Literal["auto", "newton", "adam"]
@@ -146,8 +147,11 @@ class SteerConfig:
     """Shift size in units of the activations' std along each direction (ITI's alpha)."""
     direction: Literal["mass_mean", "probe"] = "mass_mean"
     """Which direction to add: the mass-mean direction (as in ITI) or the probe weight vector."""
-    random_directions: int = 8
-    """Random directions of equal norm on the same heads, the baseline the probe direction must beat."""
+    random_directions: int = 39
+    """Random directions of equal norm on the same heads, the baseline the probe direction must beat. The p-value
+    cannot go below 1 / (random_directions + 1), so at least 1 / significance - 1 are needed."""
+    significance: float = 0.05
+    """The check passes when its Monte Carlo p-value is at most this and the shift is positive."""
     max_prompts: int = 64
     """Held-out (test) examples to steer on."""
     continuations: tuple[str, str] | None = None
@@ -160,5 +164,10 @@ class SteerConfig:
 
     def __post_init__(self) -> None:
         at_least("steer.top_k", self.top_k, 1, optional=True)
-        at_least("steer.random_directions", self.random_directions, 1)
+        require(0 < self.significance < 1, f"--steer.significance {self.significance} must lie in (0, 1)")
+        need = draws_for(self.significance)
+        require(self.random_directions >= need,
+                f"--steer.random_directions {self.random_directions} is too few: the p-value cannot go below "
+                f"1/{self.random_directions + 1}, so the check could never pass at --steer.significance "
+                f"{self.significance}; use at least {need}")
         at_least("steer.max_prompts", self.max_prompts, 2)

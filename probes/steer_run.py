@@ -55,6 +55,7 @@ def steer_top_heads(cache: HeadCache, problem: ProbeProblem, frame: pd.DataFrame
     table, _ = load_directions(directions)
     heads = [(int(r.layer), int(r.head)) for r in top_heads(frame, steer.top_k).itertuples()]
     chosen = head_directions(table, heads, cache.layers, steer.direction)
-    result = steering_check(loaded.model, inputs, readout, chosen, steer.alpha, steer.random_directions, seed)
+    result = steering_check(loaded.model, inputs, readout, chosen, steer.alpha, steer.random_directions, seed,
+                            significance=steer.significance)
     return {**result.as_dict(), "model": model_id, "prompts": len(texts), "direction": steer.direction,
             "readout": "logit_difference" if steer.continuations else "final_hidden_projection"}

@@ -7,7 +7,10 @@ point the cache reads (the attention output projection's input). The readout is 
 difference between two label continuations (causal LMs) or the final hidden state projected on a fixed direction
 (any model). The check reports the mean readout shift for +alpha and -alpha along the probe directions and for
 ``n_random`` sets of random directions (each head's random direction has the probe direction's norm), and the
-share of random sets whose absolute shift reaches the probe's (an empirical p-value).
+share of random sets whose absolute shift reaches the probe's (a Monte Carlo p-value,
+:func:`headlab.statistics.monte_carlo_p`). The check passes when that p-value is at most ``significance`` and the
+probe's shift moves the readout the way the direction points (positive). With ``n_random`` draws the p-value cannot
+go below ``1 / (n_random + 1)``, so a check with too few draws could never pass: it is refused.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from headlab.errors import HeadlabError
 from headlab.heads import hook_heads
 from headlab.interventions import steer
+from headlab.statistics import draws_for, min_attainable_p, monte_carlo_p
 
 Readout = Callable[[object, dict[str, torch.Tensor]], torch.Tensor]  # (model outputs, inputs) -> [batch]
 
@@ -70,10 +75,18 @@ class SteeringResult:
     shift_negative: float  # ... with -alpha
     random_shifts: list[float]  # mean readout change with +alpha along each random direction set
     p_value: float  # (1 + #{|random shift| >= |shift|}) / (1 + n_random)
+    min_attainable_p: float  # 1 / (1 + n_random): the smallest p-value these draws allow
+    significance: float  # the level the p-value is judged at (p <= significance)
+
+    @property
+    def passed(self) -> bool:
+        """The probe direction moves the readout its own way (shift > 0) more than random directions do."""
+        return self.p_value <= self.significance and self.shift > 0
 
     def as_dict(self) -> dict:
         out = asdict(self)
         out["heads"] = [list(h) for h in self.heads]
+        out["passed"] = self.passed
         return out
 
 
@@ -87,11 +100,18 @@ def _readout(model: nn.Module, inputs: dict[str, torch.Tensor], readout: Readout
 
 
 def steering_check(model: nn.Module, inputs: dict[str, torch.Tensor], readout: Readout,
-                   directions: Mapping[tuple[int, int], torch.Tensor], alpha: float, n_random: int = 8,
-                   seed: int = 0) -> SteeringResult:
+                   directions: Mapping[tuple[int, int], torch.Tensor], alpha: float, n_random: int = 39,
+                   seed: int = 0, significance: float = 0.05) -> SteeringResult:
     """Steer ``model`` on ``inputs`` along ``directions`` (``{(layer, head): [d_head]}``, already scaled by each
     head's std) with ``+alpha`` and ``-alpha``, and along ``n_random`` random direction sets of equal per-head
-    norms; report the mean readout shifts. Hooks are removed afterwards, even on error."""
+    norms; report the mean readout shifts and the Monte Carlo p-value of the probe's shift among the random ones.
+    Refuses ``n_random`` below :func:`headlab.statistics.draws_for` ``(significance)``: such a check could not pass.
+    Hooks are removed afterwards, even on error."""
+    if min_attainable_p(n_random) > significance:
+        floor = min_attainable_p(n_random)
+        raise HeadlabError(f"{n_random} random directions give p-values no smaller than {floor:.3g}, so the steering "
+                           f"check could never pass at {significance}; use at least "
+                           f"{draws_for(significance)} random directions")
     base = _readout(model, inputs, readout)
     shift = float((_readout(model, inputs, readout, steer(directions, alpha)) - base).mean())
     shift_neg = float((_readout(model, inputs, readout, steer(directions, -alpha)) - base).mean())
@@ -103,9 +123,9 @@ def steering_check(model: nn.Module, inputs: dict[str, torch.Tensor], readout: R
             r = torch.randn(direction.shape, generator=generator, dtype=torch.float32)
             random_dirs[head] = r / r.norm() * direction.float().norm()
         random_shifts.append(float((_readout(model, inputs, readout, steer(random_dirs, alpha)) - base).mean()))
-    exceed = sum(abs(r) >= abs(shift) for r in random_shifts)
     return SteeringResult([tuple(map(int, h)) for h in directions], alpha, float(base.mean()), shift, shift_neg,
-                          random_shifts, (1 + exceed) / (1 + n_random))
+                          random_shifts, monte_carlo_p(shift, random_shifts), min_attainable_p(n_random),
+                          significance)
 
 
 def head_directions(table: dict[str, np.ndarray], heads: list[tuple[int, int]], layers: list[int],

@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 
 from headlab.models import LoadedModel
+from headlab.statistics import draws_for
 from roles.knowledge import capitals_batch
 from roles.mapping import Batches, DetectConfig, GroupCheck, group_check, map_heads
 from roles.real import map_real_model
@@ -103,15 +104,16 @@ def truthfulness_rows(loaded: LoadedModel, work: Path, cfg: DetectConfig, seed: 
     })
     steering = None
     if steer and detected.any():
-        steering = steer_truth(loaded, HeadCache.open(cache_dir), probe_dir, heads[detected], seed)
-        frame["functional"] = detected & (steering["p_value"] < cfg.alpha) & (steering["shift"] > 0)
+        steering = steer_truth(loaded, HeadCache.open(cache_dir), probe_dir, heads[detected], seed,
+                               significance=cfg.alpha)
+        frame["functional"] = detected & bool(steering["passed"])
         frame["effect_method"] = "steering"
     return frame, steering
 
 
 @torch.no_grad()
 def steer_truth(loaded: LoadedModel, cache, probe_dir: Path, detected: pd.DataFrame, seed: int, top_k: int = 8,
-                alpha: float = 5.0) -> dict:
+                alpha: float = 5.0, significance: float = 0.05) -> dict:
     """Shift the best detected heads (up to ``top_k``, by validation accuracy) along their mass-mean truth directions
     and read the preference for the true over a false capital on "The capital of X is" prompts, against random
     directions of the same norms (:func:`probes.steering.steering_check`)."""
@@ -132,7 +134,9 @@ def steer_truth(loaded: LoadedModel, cache, probe_dir: Path, detected: pd.DataFr
         rows = torch.arange(len(last))
         return last[rows, batch["answers"]] - last[rows, wrong]
 
-    result = steering_check(loaded.model, inputs, readout, directions, alpha, n_random=19, seed=seed)
+    # 99 draws at alpha 0.05: the smallest attainable p-value (0.01) sits well below the level judged
+    result = steering_check(loaded.model, inputs, readout, directions, alpha, n_random=draws_for(significance / 5),
+                            seed=seed, significance=significance)
     return {**result.as_dict(), "readout": "logit(true capital) - logit(false capital) at the final position",
             "prompts": int(batch["input_ids"].shape[0])}
 
