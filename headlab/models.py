@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from headlab.errors import HeadlabError
+from headlab.publish import publish_folder
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +131,6 @@ def smollm2_path() -> Path:
 
 
 def _convert_gguf(gguf: Path, final: Path) -> None:
-    import shutil
-    import tempfile
     import time
 
     import transformers
@@ -146,14 +145,12 @@ def _convert_gguf(gguf: Path, final: Path) -> None:
                            "with `pip install gguf accelerate` (or `pip install -e '.[demo]'`)") from error
     rebuilt = type(loaded)(loaded.config)  # a GGUF-loaded model refuses save_pretrained; a rebuilt one does not
     rebuilt.load_state_dict(loaded.state_dict())
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        rebuilt.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    def write(folder: Path) -> None:
+        rebuilt.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    publish_folder(final, write)
     print(f"converted in {time.perf_counter() - started:.1f} s", flush=True)
 
 

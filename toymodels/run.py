@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from data.tasks import Task, make_task, target_accuracy, target_loss
+from headlab.publish import publish_folder
 from headlab.runs import atomic_write_json, atomic_write_text, run_directory, save_config, to_plain
 from headlab.tracking import LoggerKind, finish, make_logger, quiet_libraries, sweep_callbacks
 from roles.mapping import Batches, DetectConfig, TargetSummary, map_heads, write_map
@@ -184,7 +185,7 @@ def finish_seed(run: SeedRun, the_task: Task, train_log: list[tuple[int, float]]
     if the_task.name in MECHANISMS:  # a whole-model mechanism (modular addition's Fourier features) is the target
         target, mechanism["mechanism"] = MECHANISMS[the_task.name](net, the_task)
 
-    net.save_pretrained(run.out / "model")
+    publish_folder(run.out / "model", net.save_pretrained)  # complete or absent, never half-written
     write_map(run.out, head_map, f"{the_task.name}: functional heads")
     _write_curves(run)
     d_head = config.model.hf_config(the_task.vocab_size, the_task.seq_len).head_dim
