@@ -9,6 +9,22 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _private_model_cache() -> None:
+    """Built-in models are converted into a temporary HEADLAB_CACHE for this session (removed at exit), never into
+    the user's real cache folder; a HEADLAB_CACHE set by the caller is used as given."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if not os.environ.get("HEADLAB_CACHE"):
+        folder = tempfile.mkdtemp(prefix="headlab-test-cache-")
+        os.environ["HEADLAB_CACHE"] = folder
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+
+_private_model_cache()
+
+
 def _installed(distribution: str) -> bool:
     from importlib import metadata
 
@@ -35,5 +51,5 @@ def pytest_collection_modifyitems(config, items):
             continue
         skip = pytest.mark.skip(reason=f"needs the {distribution} package: {install}")
         for item in items:
-            if marker in item.keywords:
+            if item.get_closest_marker(marker) is not None:  # a marker, not a name that contains it
                 item.add_marker(skip)

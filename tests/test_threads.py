@@ -14,13 +14,17 @@ from concurrent.futures import ThreadPoolExecutor
 os.environ["WANDB_MODE"] = "disabled"
 
 import numpy as np
-import numpy.lib._format_impl as npy_format
 import pytest
 from tiny_models import save_tiny_model
 
 from data import HeadCache, write_cache
 from headlab.cli import main
 from probes import probe
+
+try:  # where np.load's header parser lives: numpy >= 2 moved it (pyproject allows numpy >= 1.26)
+    from numpy.lib import _format_impl as npy_format
+except ImportError:  # numpy 1.x
+    from numpy.lib import format as npy_format
 
 
 class ParsedOffMainThread(AssertionError):
@@ -51,6 +55,10 @@ def test_the_guard_catches_np_load_in_a_worker_thread(parsing_only_on_main_threa
     np.load(tmp_path / "a.npy")  # the main thread may
     with ThreadPoolExecutor(1) as pool, pytest.raises(ParsedOffMainThread):
         pool.submit(np.load, tmp_path / "a.npy").result()
+    # the header parser itself is guarded (open_memmap parses the header without np.load), so the guard sits on
+    # the module numpy really calls, whichever numpy this is
+    with ThreadPoolExecutor(1) as pool, pytest.raises(ParsedOffMainThread, match="_read_array_header"):
+        pool.submit(np.lib.format.open_memmap, tmp_path / "a.npy", mode="r").result()
 
 
 def test_shard_mapping_from_a_worker_thread_is_refused(tmp_path):
