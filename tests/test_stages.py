@@ -243,6 +243,21 @@ def test_command_end_to_end_toy_seeds_and_a_causal_lm(tmp_path, tiny_gpt2_dir, c
     seed0_line = next(line for line in lines if line.startswith("toy:toy/seed-0 "))
     assert "n/s" not in seed0_line and "0.75 (n=1)" in seed0_line
 
+    # the type-level test, by hand: seed 0 has one type per stage at depths 0.25, 0.25, 0.75, 0.75. S = 4 (the two
+    # tied pairs count 0), tau-b = 4 / sqrt(6 * 4); of the 24 label orders, the 2 x 2 that keep KR, ICI shallow
+    # reach S = 4, so p = min p = 4/24 > alpha: inconclusive, whatever the order (seed 1 is reversed: p = 1)
+    types = pd.read_csv(out / "stage_types.csv")
+    assert list(types.columns) == ["model", "stage", "role", "n_detected", "n_functional", "median_depth",
+                                   "depth_lo", "depth_hi"]
+    mine = types[types["model"] == "toy:toy/seed-0"].set_index("role")
+    assert list(mine["stage"]) == ["KR", "ICI", "LR", "EP"] and (mine["n_detected"] == 1).all()
+    assert mine.loc["induction", "median_depth"] == 0.75
+    assert "stages: toy:toy/seed-0 types=4 tau=0.816 perm_p=0.1667 min_p=0.1667 verdict=inconclusive" in lines
+    assert "stages: toy:toy/seed-1 types=4 tau=-0.816 perm_p=1.0000 min_p=0.1667 verdict=inconclusive" in lines
+    assert by_name["toy:toy/seed-0"]["type_verdict"] == "inconclusive"
+    assert set(by_name["toy:toy/seed-0"]["types"]) == {"all", "functional_only", "without_probe",
+                                                       "without_attribution"}
+
 
 def test_glob_patterns_are_expanded(tmp_path, capsys):
     for k in range(3):

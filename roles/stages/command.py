@@ -10,7 +10,10 @@ Outputs (``--out``): ``stages.csv`` (one row per model x detected head and role:
 relative_depth, role, stage, score, floor, control, p_adjusted, functional, kind``), ``stage_depths.csv`` (per
 model x stage: count, mean, median, quartiles, min, max of relative depth; pooled toy groups as models named
 ``GROUP (pooled, N seeds)``),
-``stage_map.png`` (one panel per model), ``summary.json`` and ``config.yaml``.
+``stage_types.csv`` (per model x head type with a detected head: ``model, stage, role, n_detected, n_functional,
+median_depth, depth_lo, depth_hi``, and the type-level ordering test of :mod:`roles.stages.types`, whose verdict
+line ``stages: MODEL types=N tau=T perm_p=P min_p=M verdict=V`` is the survey's claim tested at the level it states
+it), ``stage_map.png`` (one panel per model), ``summary.json`` and ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from roles.mapping import DetectConfig
 from roles.stages.report import StageEntry, plot_stage_map, report_lines
 from roles.stages.sources import ROW_COLUMNS, ModelHeads, load_toy_run, map_hf_model, resolve_toy_runs
 from roles.stages.taxonomy import STAGE_ORDER, stage_table
+from roles.stages.types import TYPE_COLUMNS
 
 
 def _slug(spec: str) -> str:
@@ -122,24 +126,28 @@ def stages(
         heads += [map_hf_model(spec, detection, length, seed, ablate, out / "work" / _slug(spec), probe_limit)
                   for spec in models or []]
         save_config(out, config)
-        summary = _write(out, heads, stage_of, started)
+        summary = _write(out, heads, stage_of, started, detection.alpha)
     for line in [f"run: {out}", *report_lines(summary["entries"], summary["toy_groups"])]:
         print(line, flush=True)
     return out
 
 
-def _write(out: Path, heads: list[ModelHeads], stage_of: dict[str, str], started: float) -> dict[str, Any]:
-    """stages.csv, stage_depths.csv, stage_map.png and summary.json; returns the summary with its entries."""
+def _write(out: Path, heads: list[ModelHeads], stage_of: dict[str, str], started: float,
+           alpha: float = 0.05) -> dict[str, Any]:
+    """stages.csv, stage_depths.csv, stage_types.csv, stage_map.png and summary.json; returns the summary with its
+    entries."""
     _unique_names(heads)
     per_model = [m.scored_rows(stage_of) for m in heads]
     rows = pd.concat(per_model, ignore_index=True) if per_model else pd.DataFrame(columns=ROW_COLUMNS)
     entries = [StageEntry.of(m.name, m.kind, m.n_layers, mine, m.scored_stages(stage_of), m.notes, m.source,
-                             extra=m.extra) for m, mine in zip(heads, per_model)]
+                             extra=m.extra, alpha=alpha) for m, mine in zip(heads, per_model)]
     pooled_entries, groups = _pooled_groups(heads, entries, rows, stage_of)
     all_entries = entries + pooled_entries
 
     atomic_write_text(out / "stages.csv", rows.to_csv(index=False))
     depth_rows = [row for e in all_entries for row in e.depth_rows()]
+    atomic_write_text(out / "stage_types.csv", pd.concat([e.type_rows for e in all_entries], ignore_index=True)
+                      .reindex(columns=TYPE_COLUMNS).to_csv(index=False))
     atomic_write_text(out / "stage_depths.csv", pd.DataFrame(depth_rows).to_csv(index=False))
     plot_stage_map(rows[rows["detected"].astype(bool)], entries, out / "stage_map.png")
     summary = {

@@ -14,6 +14,7 @@ import pandas as pd
 from headlab.runs import save_figure
 from roles.stages.statistics import depth_stats, ordering_test
 from roles.stages.taxonomy import STAGE_NAMES, STAGE_ORDER, STAGES
+from roles.stages.types import TYPE_COLUMNS, type_tests
 
 
 @dataclass
@@ -34,21 +35,24 @@ class StageEntry:
     stage_passed: dict[str, bool] = field(default_factory=dict)  # stage -> whether any head was detected
     ordering_without_attribution: dict[str, Any] | None = None  # attribution favours late heads: the test without it
     extra: dict[str, Any] = field(default_factory=dict)  # a real model's group and steering checks
+    types: dict[str, Any] = field(default_factory=dict)  # variant -> the type-level test (roles.stages.types)
+    type_rows: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=TYPE_COLUMNS), repr=False)
 
     @classmethod
     def of(cls, name: str, kind: str, n_layers: int | None, rows: pd.DataFrame, scored: list[str],
            notes: list[str], source: str | None = None, group: str | None = None,
-           extra: dict[str, Any] | None = None) -> StageEntry:
+           extra: dict[str, Any] | None = None, alpha: float = 0.05) -> StageEntry:
         """``rows``: every scored (head, role) with ``stage``, ``relative_depth``, ``detected`` and ``method``; the
-        depths and the ordering test use the detected ones."""
+        depths and the ordering tests (over heads, and over head types at ``alpha``) use the detected ones."""
         hits = rows[rows["detected"].astype(bool)] if len(rows) else rows
         stages = {s: depth_stats(hits.loc[hits["stage"] == s, "relative_depth"]) for s in STAGE_ORDER}
         passed = {s: bool((hits["stage"] == s).any()) for s in scored}
         without = None
         if "method" in hits and (hits["method"] == "attribution").any():
             without = ordering_test(hits[hits["method"] != "attribution"])
+        type_rows, types = type_tests(rows, name, alpha)
         return cls(name, kind, n_layers, scored, len(hits), stages, ordering_test(hits), list(notes), source, group,
-                   passed, without, dict(extra or {}))
+                   passed, without, dict(extra or {}), types, type_rows)
 
     def depth_rows(self) -> list[dict[str, Any]]:
         """This entry's rows of ``stage_depths.csv``: one per stage."""
@@ -58,9 +62,11 @@ class StageEntry:
     def as_dict(self) -> dict[str, Any]:
         """The model's entry of ``summary.json``: the ordering test's headline (``rho``, ``rho_ci``, ``holds``) on
         top, then everything else."""
-        out = asdict(self)
-        head = {"model": self.model, "rho": self.ordering["rho"], "rho_ci": self.ordering["rho_ci"],
-                "holds": self.ordering["holds"]}
+        out = {k: v for k, v in asdict(self).items() if k != "type_rows"}
+        typed = self.types.get("all", {})
+        head = {"model": self.model, "type_verdict": typed.get("verdict"), "type_tau": typed.get("tau"),
+                "type_perm_p": typed.get("perm_p"), "type_min_p": typed.get("min_p"), "rho": self.ordering["rho"],
+                "rho_ci": self.ordering["rho_ci"], "holds": self.ordering["holds"]}
         return {**head, **{k: v for k, v in out.items() if v is not None or k == "n_layers"}}
 
 
@@ -94,6 +100,11 @@ def report_lines(entries: list[StageEntry], groups: dict[str, dict[str, Any]]) -
             f"stages: {e.model} ordering rho={_fmt(o['rho'], 3)} p={_fmt(o['p_value'], 3)} n={o['n']} "
             f"monotone={o['monotone']} holds={o['holds']} significant={o['significant']}"
         )
+    for e in entries:
+        t = e.types.get("all")
+        if t is not None:
+            lines.append(f"stages: {e.model} types={t['n_types']} tau={_fmt(t['tau'], 3)} "
+                         f"perm_p={_fmt(t['perm_p'], 4)} min_p={_fmt(t['min_p'], 4)} verdict={t['verdict']}")
     for name, g in groups.items():
         frac = _fmt(g["fraction_holds"], 3)
         lines.append(f"stages: {name} seeds holding={g['n_holds']}/{g['n_testable']} fraction={frac} of {g['n_seeds']}")
