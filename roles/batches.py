@@ -99,7 +99,8 @@ def ordinal_batch(tokenizer: Any) -> Batch:
 
     Each member is tried with a leading space (as it appears inside a text) and bare; a family keeps the variant that
     tokenizes more of its members as single tokens, and a pair needs both members to be single tokens. Cyclic
-    families (days, months) wrap around. The batch asks the OV detectors to read tokens after the first block.
+    families (days, months) wrap around. The batch asks the successor detector to read tokens through MLP0 alone
+    (``ov_mlp0``) and to fold the final norm's gain into the unembedding (``fold_final_norm``), as Gould et al. do.
     """
     pairs, family_ids = [], []
     for index, (members, cyclic) in enumerate(ORDINAL_FAMILIES.values()):
@@ -114,7 +115,7 @@ def ordinal_batch(tokenizer: Any) -> Batch:
         raise HeadlabError("the tokenizer has fewer than 4 single-token ordinal pairs; the successor detector "
                            "cannot be scored on this model")
     return {"successor_pairs": torch.tensor(pairs), "successor_family": torch.tensor(family_ids),
-            "ov_after_first_block": torch.tensor(True)}
+            "ov_mlp0": torch.tensor(True), "fold_final_norm": torch.tensor(True)}
 
 
 def ioi_batch(tokenizer: Any, batch_size: int, seed: int) -> Batch:

@@ -106,11 +106,42 @@ def ov_circuit(model: nn.Module, layer: int) -> OVCircuit:
 @torch.no_grad()
 def effective_embeddings(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """``[n, d_model]``: the residual stream after the first block for each token alone (its embedding plus what
-    layer 0's attention and MLP add), which Gould et al. and Wang et al. use as the token's representation for
-    the OV circuits of later layers."""
+    layer 0's attention and MLP add), which Wang et al. use as the token's representation for the OV circuits of
+    later layers (the name-copy score)."""
     device = next(model.parameters()).device
     out = model(input_ids=tokens[:, None].to(device), output_hidden_states=True)
     return out.hidden_states[1][:, 0].float().cpu()
+
+
+def _norm_like(module: nn.Module | None) -> bool:
+    return module is not None and "norm" in type(module).__name__.lower()
+
+
+@torch.no_grad()
+def mlp0_embeddings(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``[n, d_model]``: Gould et al.'s effective embedding, ``E[t] + MLP0(norm(E[t]))``: the token embedding through
+    the first block's MLP alone, with no attention and no position (a token alone at position 0 would attend only
+    to itself, at the attention-sink position). A first block without an MLP (an attention-only toy) leaves ``E``."""
+    site = head_sites(model)[0]
+    attention = _attention_module(model, site.name)
+    block = _parent(model, site.name, 3 if attention is not _parent(model, site.name, 1) else 2)
+    embed = model.get_input_embeddings().weight[tokens].detach()
+    mlp = getattr(block, "mlp", None)
+    norm = next((getattr(block, n) for n in ("ln2", "ln_2", "post_attention_layernorm") if hasattr(block, n)), None)
+    if mlp is None:
+        return embed.float().cpu()
+    x = embed.to(next(mlp.parameters()).dtype)
+    return (x + mlp(norm(x) if norm is not None else x)).float().cpu()
+
+
+def final_norm_gain(model: nn.Module) -> torch.Tensor | None:
+    """``[d_model]``: the gain of the norm before the unembedding (the last norm module of the model: GPT-2
+    ``ln_f``, Llama ``norm``, NeoX ``final_layer_norm``, toy ``ln_f``), or None. Folding it into ``W_U``
+    (``diag(g) W_U``) gives the logits' direction exactly; the norm's per-token scale does not change an argmax."""
+    d_model = model.get_input_embeddings().weight.shape[1]
+    norms = [m for m in model.modules() if _norm_like(m) and getattr(m, "weight", None) is not None
+             and m.weight.ndim == 1 and m.weight.shape[0] == d_model]
+    return norms[-1].weight.detach().float().cpu() if norms else None
 
 
 def reads_ov(model: nn.Module) -> str | None:
@@ -123,14 +154,15 @@ def reads_ov(model: nn.Module) -> str | None:
 
 
 def _per_layer(model: nn.Module | None, fn: Callable[[OVCircuit, torch.Tensor], Evidence], batch: Batch,
-               tokens: torch.Tensor) -> Evidence:
+               tokens: torch.Tensor, later: torch.Tensor | None = None) -> Evidence:
     """``fn(ov, x)`` for every layer, ``x [n, d_model]`` the residual vectors of ``tokens``: their embeddings for
-    layer 0 and, when the batch asks for it (``ov_after_first_block``, set for real models), the residual stream after
-    the first block for later layers (:func:`effective_embeddings`)."""
+    layer 0 and, for later layers, ``later`` when given, else when the batch asks for it (``ov_after_first_block``,
+    set for real models) the residual stream after the first block (:func:`effective_embeddings`)."""
     if model is None:
         raise HeadlabError("OV-circuit detectors need a model")
     raw = model.get_input_embeddings().weight[tokens].detach()
-    later = effective_embeddings(model, tokens) if batch.get("ov_after_first_block") else raw
+    if later is None:
+        later = effective_embeddings(model, tokens) if batch.get("ov_after_first_block") else raw
     layers = [fn(ov_circuit(model, layer), raw if layer == 0 else later) for layer in range(len(head_sites(model)))]
     return Evidence(torch.stack([e.score for e in layers]), torch.stack([e.control for e in layers]),
                     torch.stack([e.differences for e in layers], 1))
@@ -240,9 +272,11 @@ def successor(model: nn.Module | None, batch: Batch) -> Evidence:
 
     ``score = mean_{(t, succ t)} 1[argmax_{u in family(t)} (E[t] W_V^h W_O^h W_U)_u = succ t]`` over the batch's
     ``successor_pairs`` (``successor_family`` restricts the argmax to the token's own sequence: digits, days,
-    months...; without it, to all ordinals). Control: the same with ``succ succ t`` in place of ``succ t``. Source:
-    Gould et al. 2023, "Successor Heads: Recurring, Interpretable Attention Heads In The Wild" (succession score;
-    they read ``E`` after MLP0, as real models' batches ask for with ``ov_after_first_block``).
+    months...; without it, to all ordinals), each family weighted equally (26 letters would otherwise outvote 7
+    days). Control: the same with ``succ succ t`` in place of ``succ t``. Source: Gould et al. 2023, "Successor
+    Heads: Recurring, Interpretable Attention Heads In The Wild" (succession score). As they do, real models'
+    batches (``ov_mlp0``) read ``E`` through MLP0 alone (:func:`mlp0_embeddings`) for layers >= 1, and
+    (``fold_final_norm``) fold the final norm's gain into ``W_U``.
     """
     pairs = batch["successor_pairs"]  # [n, 2]
     family = batch.get("successor_family", torch.zeros(len(pairs), dtype=torch.long))
@@ -250,12 +284,21 @@ def successor(model: nn.Module | None, batch: Batch) -> Evidence:
     next_of = {int(a): int(b) for a, b in pairs}
     after_next = torch.tensor([next_of.get(int(b), int(b)) for b in successors])
     same = family[:, None] == family[None, :]  # [n, n]: candidates of each pair's argmax
+    sizes = torch.bincount(family)[family].float()
+    weight = 1.0 / (sizes * len(family.unique()))  # [n]: each family counts equally, whatever its size
+    gain = final_norm_gain(model) if batch.get("fold_final_norm") and model is not None else None
 
     def layer(ov: OVCircuit, x: torch.Tensor) -> Evidence:
-        logits = ov.logits(x)[:, :, tokens]  # [heads, n, n candidates]
+        w_u = ov.w_u[:, tokens] if gain is None else gain[:, None] * ov.w_u[:, tokens]
+        logits = ov.head_outputs(x) @ w_u  # [heads, n, n candidates]
         predicted = tokens[logits.masked_fill(~same, float("-inf")).argmax(-1)]  # [heads, n]
-        return indicator_evidence(predicted == successors, predicted == after_next)
+        hits, control = (predicted == successors).float(), (predicted == after_next).float()
+        return Evidence((hits * weight).sum(-1), (control * weight).sum(-1),
+                        ((hits - control) * weight * len(weight)).movedim(-1, 0))
 
+    if batch.get("ov_mlp0"):
+        embedded = mlp0_embeddings(model, tokens)
+        return _per_layer(model, layer, {}, tokens, later=embedded)
     return _per_layer(model, layer, batch, tokens)
 
 

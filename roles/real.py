@@ -18,12 +18,13 @@ from torch import nn
 
 from headlab.errors import HeadlabError
 from headlab.models import LoadedModel
-from roles.batches import ioi_batch, ordinal_batch, repeat_batch
+from roles.batches import ORDINAL_FAMILIES, ioi_batch, ordinal_batch, repeat_batch
 from roles.evidence import Evidence
 from roles.mapping import Batches, DetectConfig, HeadMap, map_heads
 from roles.null import null_distribution
 from roles.ov import reads_ov
 from roles.registry import measure_heads
+from roles.rule import floor_of
 
 REAL_TASKS: dict[str, str] = {"induction": "induction", "ioi": "name_mover"}
 """Tasks a Hugging Face model is mapped on, and their target roles."""
@@ -55,6 +56,32 @@ def task_batches(loaded: LoadedModel, task: str, cfg: DetectConfig, length: int,
                    repeat_batch(model, tokenizer, size, length, seed + 3))
 
 
+def successor_by_family(model: nn.Module, ordinals: dict) -> list[dict]:
+    """Gould et al. report successor heads per ordinal family: for each family of ``ordinals``
+    (:func:`roles.batches.ordinal_batch`), its pairs, the best head of layer >= 1 (layer 0 reads raw embeddings)
+    and that head's succession score on the family alone."""
+    names = list(ORDINAL_FAMILIES)
+    out = []
+    for index in ordinals["successor_family"].unique().tolist():
+        keep = ordinals["successor_family"] == index
+        subset = {**ordinals, "successor_pairs": ordinals["successor_pairs"][keep],
+                  "successor_family": ordinals["successor_family"][keep]}
+        score = measure_heads(model, subset, ["successor"])["successor"].score[1:]  # [layer >= 1, head]
+        best = int(score.argmax())
+        layer, head = divmod(best, score.shape[1])
+        out.append({"family": names[index], "pairs": int(keep.sum()), "layer": layer + 1, "head": head,
+                    "score": float(score.max())})
+    return out
+
+
+def successor_families_note(model: nn.Module, ordinals: dict, floor: float) -> str:
+    """One note line: each family's best successor head, its score and whether it clears ``floor`` (the successor
+    rule's floor, :data:`roles.rule.FLOORS`: a majority of the family's tokens must map to their successor)."""
+    parts = [f"{f['family']} ({f['pairs']} pairs) L{f['layer']}H{f['head']} {f['score']:.2f} "
+             f"{'passes' if f['score'] >= floor else 'below'}" for f in successor_by_family(model, ordinals)]
+    return f"successor heads by family (best head of layer >= 1, floor {floor}): " + "; ".join(parts)
+
+
 def real_evidence(model: nn.Module, tokenizer, kind: str, cfg: DetectConfig, length: int, seed: int,
                   notes: list[str]) -> tuple[dict[str, Evidence], dict]:
     """Every detector the model allows, each on its own batch; returns the evidence and the null statistics of the
@@ -77,7 +104,9 @@ def real_evidence(model: nn.Module, tokenizer, kind: str, cfg: DetectConfig, len
         return evidence, null
     evidence.update(measure_heads(model, {}, ["copying"]))
     try:
-        evidence.update(measure_heads(model, ordinal_batch(tokenizer), ["successor"]))
+        ordinals = ordinal_batch(tokenizer)
+        evidence.update(measure_heads(model, ordinals, ["successor"]))
+        notes.append(successor_families_note(model, ordinals, floor_of("successor", 0, cfg.floors)))
     except HeadlabError as error:
         notes.append(f"successor detector skipped: {error}")
     evidence.update(measure_heads(model, ioi_batch(tokenizer, cfg.batch_size, seed + 1), ["name_copy"]))
