@@ -28,6 +28,7 @@ import pandas as pd
 from headlab.errors import HeadlabError, at_least
 from headlab.runs import atomic_write_json, atomic_write_text, run_directory, save_config, to_plain
 from roles.mapping import DetectConfig
+from roles.stages.controls import check_entries
 from roles.stages.report import StageEntry, plot_stage_map, report_lines
 from roles.stages.sources import ROW_COLUMNS, ModelHeads, load_toy_run, map_hf_model, resolve_toy_runs
 from roles.stages.taxonomy import STAGE_ORDER, stage_table
@@ -150,7 +151,10 @@ def _write(out: Path, heads: list[ModelHeads], stage_of: dict[str, str], started
                       .reindex(columns=TYPE_COLUMNS).to_csv(index=False))
     atomic_write_text(out / "stage_depths.csv", pd.DataFrame(depth_rows).to_csv(index=False))
     plot_stage_map(rows[rows["detected"].astype(bool)], entries, out / "stage_map.png")
+    checks = [{"model": e.model, **c} for e in entries
+              for c in check_entries(e.extra.get("groups") or {}, e.extra.get("steering"), alpha)]
     summary = {
+        "checks": checks,
         "stage_map": stage_of,
         "stage_order": list(STAGE_ORDER),
         "relative_depth": "(layer + 0.5) / n_layers",

@@ -34,8 +34,9 @@ from headlab.models import LoadedModel
 from headlab.statistics import draws_for
 from roles.knowledge import capitals_batch
 from roles.mapping import Batches, DetectConfig, GroupCheck, group_check, map_heads
-from roles.real import map_real_model
+from roles.real import map_real_model, task_batches
 from roles.registry import measure_heads
+from roles.stages.controls import group_controls, logit_direction
 from roles.table import RoleTable
 
 log = logging.getLogger("headlab")
@@ -74,13 +75,15 @@ def knowledge_map(loaded: LoadedModel, cfg: DetectConfig, seed: int, ablate: boo
                 detected[row.layer, row.head] = True
             check = group_check(model, batches, detected, cfg, seed)
             if check is not None:
-                groups[role] = _group_summary(check, cfg)
+                groups[role] = {**_group_summary(check, cfg), **group_controls(
+                    model, batches, check, head_map.table.frame, head_map.table.shape, cfg, seed)}
     return head_map.table, groups
 
 
 def _group_summary(check: GroupCheck, cfg: DetectConfig) -> dict:
     return {"heads": [list(h) for h in check.heads], "effect": check.effect, "random_mean": check.reference,
-            "p_value": check.p_value, "functional": check.functional(cfg.min_effect, cfg.alpha)}
+            "p_value": check.p_value, "min_attainable_p": 1 / (1 + len(check.random_effects)),
+            "functional": check.functional(cfg.min_effect, cfg.alpha)}
 
 
 def truthfulness_rows(loaded: LoadedModel, work: Path, cfg: DetectConfig, seed: int, limit: int | None,
@@ -135,10 +138,39 @@ def steer_truth(loaded: LoadedModel, cache, probe_dir: Path, detected: pd.DataFr
         return last[rows, batch["answers"]] - last[rows, wrong]
 
     # 99 draws at alpha 0.05: the smallest attainable p-value (0.01) sits well below the level judged
-    result = steering_check(loaded.model, inputs, readout, directions, alpha, n_random=draws_for(significance / 5),
-                            seed=seed, significance=significance)
-    return {**result.as_dict(), "readout": "logit(true capital) - logit(false capital) at the final position",
-            "prompts": int(batch["input_ids"].shape[0])}
+    draws = draws_for(significance / 5)
+    result = steering_check(loaded.model, inputs, readout, directions, alpha, n_random=draws, seed=seed,
+                            significance=significance)
+    controls = _steering_controls(loaded.model, inputs, directions, batch["answers"][0], wrong[0], alpha, draws,
+                                  seed, significance, readout)
+    return {**result.as_dict(), **controls, "prompts": int(batch["input_ids"].shape[0]),
+            "readout": "logit(true capital) - logit(false capital) at the final position"}
+
+
+def _steering_controls(model, inputs, directions, token_a, token_b, alpha, draws, seed, significance,
+                       readout) -> dict:
+    """The steering check's controls (:mod:`roles.stages.controls`): the direct-path direction of one fixed pair of
+    capitals, read as that pair's logit difference (must pass), and random directions of the probe's norms read as
+    the check reads (must not)."""
+    from probes.steering import steering_check
+
+    a, b = int(token_a), int(token_b)
+    raw = logit_direction(model, list(directions), a, b)
+    known = {h: raw[h] / raw[h].norm() * directions[h].float().norm() for h in directions}
+
+    def pair(outputs, _inputs) -> torch.Tensor:
+        return outputs.logits[:, -1, a] - outputs.logits[:, -1, b]
+
+    positive = steering_check(model, inputs, pair, known, alpha, n_random=draws, seed=seed + 1,
+                              significance=significance)
+    generator = torch.Generator().manual_seed(seed + 99)
+    noise = {h: torch.randn(d.shape, generator=generator) for h, d in directions.items()}
+    negative = steering_check(model, inputs, readout, {h: noise[h] / noise[h].norm() * d.float().norm()
+                                                       for h, d in directions.items()},
+                              alpha, n_random=draws, seed=seed + 2, significance=significance)
+    return {"positive_control_passed": positive.passed, "positive_control_p": positive.p_value,
+            "positive_control_shift": positive.shift, "negative_control_passed": negative.passed,
+            "negative_control_p": negative.p_value}
 
 
 def real_stages(loaded: LoadedModel, cfg: DetectConfig, length: int, seed: int, ablate: bool, work: Path,
@@ -148,7 +180,10 @@ def real_stages(loaded: LoadedModel, cfg: DetectConfig, length: int, seed: int, 
     frames = [induction.head_map.table.frame]
     stages = RealStages(pd.DataFrame(), notes=list(induction.notes))
     if induction.head_map.group is not None:
-        stages.groups["induction"] = _group_summary(induction.head_map.group, cfg)
+        check, table = induction.head_map.group, induction.head_map.table
+        batches = task_batches(loaded, "induction", cfg, length, seed)  # the batches map_real_model checked on
+        stages.groups["induction"] = {**_group_summary(check, cfg), **group_controls(
+            loaded.model, batches, check, table.frame, table.shape, cfg, seed)}
     if loaded.kind == "causal_lm" and loaded.tokenizer is not None:
         knowledge, groups = knowledge_map(loaded, cfg, seed, ablate)
         frames.append(knowledge.frame)
