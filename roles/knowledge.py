@@ -36,10 +36,15 @@ FINAL_NORMS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "l
 TEMPLATE = "The capital of {country} is"
 
 
-def capitals_batch(tokenizer, batch_size: int, seed: int) -> Batch:
+def capitals_batch(tokenizer, batch_size: int, seed: int, model: nn.Module | None = None) -> Batch:
     """Factual prompts of one token length (the most common): ``input_ids``, ``targets`` (the capital's first token at
     the final position), ``answers`` ``[B]``, ``distractors`` ``[K]`` (every capital's first token), ``subject_mask``
-    ``[B, T]`` (the country's tokens). ``batch_size`` prompts drawn with ``seed``."""
+    ``[B, T]`` (the country's tokens). ``batch_size`` prompts drawn with ``seed``.
+
+    With ``model``, only prompts it answers correctly (the capital's first token is its top-1 prediction at the final
+    position) are kept: a head cannot recall knowledge the model does not have. ``n_candidates`` and ``n_correct``
+    (0-d tensors) say how many prompts there were and how many it answers; with fewer than 4 correct (a random or
+    tiny model) every prompt is kept, and the caller's note says so."""
     prefix, suffix = text_frame(tokenizer)
     prompts = []
     for country, capital in countries():
@@ -54,15 +59,32 @@ def capitals_batch(tokenizer, batch_size: int, seed: int) -> Batch:
     lengths = [len(p[0]) for p in prompts]
     common = max(set(lengths), key=lengths.count)
     chosen = [p for p in prompts if len(p[0]) == common]
+    candidates = len(chosen)
     if len(chosen) < 4:
         raise HeadlabError("fewer than 4 capital prompts share a token length; the knowledge detectors need more")
+    correct = chosen if model is None else [p for p, right in zip(chosen, _answered(model, chosen)) if right]
+    if len(correct) >= 4:
+        chosen = correct
     order = torch.randperm(len(chosen), generator=torch.Generator().manual_seed(seed))[:batch_size].tolist()
     ids = torch.tensor([chosen[i][0] for i in order])
     answers = torch.tensor([chosen[i][2] for i in order])
     targets = torch.full_like(ids, IGNORE)
     targets[:, -1] = answers
     return {"input_ids": ids, "targets": targets, "answers": answers, "distractors": torch.tensor(distractors),
-            "subject_mask": torch.tensor([chosen[i][1] for i in order])}
+            "subject_mask": torch.tensor([chosen[i][1] for i in order]), "n_candidates": torch.tensor(candidates),
+            "n_correct": torch.tensor(len(correct))}
+
+
+@torch.no_grad()
+def _answered(model: nn.Module, prompts: list[tuple[list[int], list[bool], int]], chunk: int = 32) -> list[bool]:
+    """Whether the model's top-1 next token after each prompt (ids, subject mask, answer) is the answer."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompts), chunk):
+        part = prompts[start:start + chunk]
+        logits = model(input_ids=torch.tensor([p[0] for p in part], device=device)).logits[:, -1]
+        out += (logits.argmax(-1).cpu() == torch.tensor([p[2] for p in part])).tolist()
+    return out
 
 
 def _final_norm(model: nn.Module) -> nn.Module:

@@ -58,13 +58,20 @@ class RealStages:
     notes: list[str] = field(default_factory=list)
 
 
-def knowledge_map(loaded: LoadedModel, cfg: DetectConfig, seed: int, ablate: bool) -> tuple[RoleTable, dict]:
-    """Memory and amplification heads on capital prompts, ablated on the answer's loss; the group checks of both."""
+def knowledge_map(loaded: LoadedModel, cfg: DetectConfig, seed: int, ablate: bool
+                  ) -> tuple[RoleTable, dict, list[str]]:
+    """Memory and amplification heads on the capital prompts the model answers correctly, ablated on the answer's
+    loss; the group checks of both, and a note of how many prompts were kept."""
     model, tokenizer = loaded.model, loaded.tokenizer
-    detect = capitals_batch(tokenizer, cfg.batch_size, seed + 1)
+    detect = capitals_batch(tokenizer, cfg.batch_size, seed + 1, model=model)
+    right, total = int(detect["n_correct"]), int(detect["n_candidates"])
+    notes = [f"KR/EP prompts: the {right} of {total} capital prompts answered correctly (top-1)" if right >= 4 else
+             f"KR/EP prompts: all {total} capital prompts, since the model answers only {right} correctly (its "
+             "memory and amplification verdicts say little)"]
     evidence = measure_heads(model, detect, ["memory", "amplification"])
     size = cfg.eval_size(toy=False)
-    batches = Batches(detect, capitals_batch(tokenizer, size, seed + 2), capitals_batch(tokenizer, size, seed + 3))
+    batches = Batches(detect, capitals_batch(tokenizer, size, seed + 2, model=model),
+                      capitals_batch(tokenizer, size, seed + 3, model=model))
     head_map = map_heads(model, batches, "memory", cfg, seed, evidence=evidence, null={}, ablate=ablate)
     groups = {}
     if ablate:
@@ -77,7 +84,7 @@ def knowledge_map(loaded: LoadedModel, cfg: DetectConfig, seed: int, ablate: boo
             if check is not None:
                 groups[role] = {**_group_summary(check, cfg), **group_controls(
                     model, batches, check, head_map.table.frame, head_map.table.shape, cfg, seed)}
-    return head_map.table, groups
+    return head_map.table, groups, notes
 
 
 def _group_summary(check: GroupCheck, cfg: DetectConfig) -> dict:
@@ -185,7 +192,8 @@ def real_stages(loaded: LoadedModel, cfg: DetectConfig, length: int, seed: int, 
         stages.groups["induction"] = {**_group_summary(check, cfg), **group_controls(
             loaded.model, batches, check, table.frame, table.shape, cfg, seed)}
     if loaded.kind == "causal_lm" and loaded.tokenizer is not None:
-        knowledge, groups = knowledge_map(loaded, cfg, seed, ablate)
+        knowledge, groups, knowledge_notes = knowledge_map(loaded, cfg, seed, ablate)
+        stages.notes += knowledge_notes
         frames.append(knowledge.frame)
         stages.groups.update(groups)
         truth, stages.steering = truthfulness_rows(loaded, work, cfg, seed, probe_limit, steer=ablate)
