@@ -22,11 +22,17 @@ def smollm2():
     return load_model("smollm2", head="causal_lm")
 
 
-def test_smollm2_converts_once_and_says_paris(smollm2):
+def test_smollm2_converts_once_and_says_paris(smollm2, capsys):
     config = smollm2.model.config
     assert (config.model_type, config.num_hidden_layers, config.num_attention_heads) == ("llama", 30, 9)
     assert config.num_key_value_heads == 3 and config.head_dim == 64 and config.tie_word_embeddings
-    assert smollm2_path() == smollm2_path() and (smollm2_path() / "model.safetensors").exists()  # converted once
+    # converted once, into the session's temporary HEADLAB_CACHE (conftest), never the user's cache folder
+    weights = smollm2_path() / "model.safetensors"
+    assert weights.is_relative_to(os.environ["HEADLAB_CACHE"]) and weights.exists()
+    written = weights.stat().st_mtime_ns
+    capsys.readouterr()
+    assert smollm2_path() / "model.safetensors" == weights and weights.stat().st_mtime_ns == written
+    assert "converting" not in capsys.readouterr().out  # the second call found the conversion and reused it
     ids = smollm2.tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         out = smollm2.model.generate(**ids, max_new_tokens=2, do_sample=False)

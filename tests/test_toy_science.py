@@ -146,10 +146,12 @@ def test_ablating_the_induction_heads_removes_the_in_context_loss_gain(two_layer
     clean = _per_token_loss(model, batch["input_ids"], [])
     ablated = _per_token_loss(model, batch["input_ids"], heads)
     gain_clean = float(clean[fresh].mean() - clean[repeated].mean())  # the in-context loss gain (nats)
-    gain_ablated = float(ablated[fresh].mean() - ablated[repeated].mean())
     assert gain_clean > 0.5 * _ln_vocab()
-    assert gain_ablated < 0.2 * gain_clean  # the gain is (almost) gone
-    # ... because the repeated tokens became unpredictable: no better than guessing uniformly (measured: 3.05 nats
-    # against ln 16 = 2.77; clean 1.06). The fresh-token loss moves too (4.74 -> 3.58 nats): the clean induction
-    # heads also copy confidently where nothing repeats, and ablating them takes that overconfidence away.
-    assert float(ablated[repeated].mean()) > 0.9 * _ln_vocab()
+    # The claim, on the repeated tokens alone (the fresh-token loss also moves when the heads go, 4.74 -> 3.58 nats:
+    # clean induction heads copy confidently where nothing repeats, so a gain over fresh tokens would mix two
+    # effects). Measured over seeds 0-4 of this config: ablation raises the repeated-token loss by 1.98, 2.01, 2.00,
+    # 2.04 and 2.12 nats (mean 2.03, sd 0.05; mean - 6 sd = 1.71), to 3.05-3.13 nats (mean - 6 sd = 2.84), above
+    # ln 16 = 2.77, the loss of a uniform guess.
+    rise = float(ablated[repeated].mean() - clean[repeated].mean())
+    assert rise > 1.5
+    assert float(ablated[repeated].mean()) > _ln_vocab()  # no more predictable than guessing uniformly

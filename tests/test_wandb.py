@@ -17,7 +17,8 @@ from data import write_cache
 from headlab.cli import main
 
 pytestmark = pytest.mark.slow
-wandb_proto = pytest.importorskip("wandb.proto.wandb_internal_pb2")
+# W&B's own record schema. A plain import: if a W&B release moves it, these tests fail (they must not skip).
+from wandb.proto import wandb_internal_pb2 as wandb_proto  # noqa: E402
 
 
 def _frames(raw: bytes, block: int = 32768):
