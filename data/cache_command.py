@@ -25,6 +25,7 @@ from data.labels import LabelKind
 from data.manifest import CacheSpec, cache_key
 from headlab.errors import HeadlabError, at_least, require
 from headlab.models import DType, LoadedModel, context_length, load_model, weights_fingerprint
+from headlab.placement import Placement
 from headlab.progress import progress
 from headlab.runs import run_directory, save_config
 
@@ -131,6 +132,9 @@ def cache(
     limit: int | None = None,
     max_length: int | None = None,
     shard_mb: float = 64.0,
+    device_map: str | None = None,
+    max_memory: dict[str, str] | None = None,
+    offload_folder: Path | None = None,
 ) -> Path:
     """Cache every head's output (the attention output projection's input, per head) over a labelled dataset.
 
@@ -157,6 +161,10 @@ def cache(
         limit: read only the first ``limit`` examples.
         max_length: truncate inputs to this many tokens (default: the model's context length).
         shard_mb: target size of one shard in MiB (bounds memory while writing).
+        device_map: spread the model over GPUs, CPU and disk with accelerate (auto, balanced, balanced_low_0,
+            sequential) and print where each part went; default: the whole model on --device.
+        max_memory: per-device memory for --device_map, e.g. '{"0": "70GiB", "cpu": "200GiB"}'; the rest: disk.
+        offload_folder: folder for the weights --device_map offloads to disk.
     """
     arguments = dict(locals())  # the resolved config, saved in the cache directory
     _check_numbers(batch_size, max_length, shard_mb, layers)
@@ -165,11 +173,9 @@ def cache(
     data = load_dataset(config)
     if positions == "marked" and data.marks is None:
         raise HeadlabError(f"--positions marked needs marked tokens, but dataset {dataset} has no '{mark_field}' field")
-    loaded = load_model(model, dtype=model_dtype, device=device)
-    limit_tokens = context_length(loaded.model, loaded.tokenizer)
-    if max_length is not None and limit_tokens is not None and max_length > limit_tokens:
-        raise HeadlabError(f"max_length {max_length} exceeds the model's context of {limit_tokens} tokens")
-    effective_max = max_length or limit_tokens
+    loaded = load_model(model, dtype=model_dtype, device=device,
+                        placement=Placement(device_map, max_memory, offload_folder))
+    effective_max = _max_length(loaded, max_length)
     capture = HeadCapture(loaded.model, loaded.tokenizer, positions=positions, layers=layers,
                           max_length=effective_max, store_dtype=torch.float16 if dtype == "float16" else torch.float32)
     spec = describe(loaded, capture, data, config, dtype, model_dtype, effective_max)
@@ -182,16 +188,30 @@ def cache(
             print(f"reused complete cache {out}: {_describe(HeadCache.open(out))}")
             return Path(out)
         start = writer.examples_done
-        row_bytes = len(capture.layers) * capture.n_heads * capture.d_head * (2 if dtype == "float16" else 4)
-        write_shards(capture, data, writer, max(1, int(shard_mb * 2**20 / row_bytes)), batch_size)
-        if capture.truncated:
-            log.warning("%d examples were longer than %d tokens and were truncated to their first %d",
-                        capture.truncated, effective_max, effective_max)
-        extra = {"group": data.groups} if data.groups is not None else None
-        result = writer.finish(data.labels, extra, truncated_examples=capture.truncated)
+        result = _capture_rest(capture, data, writer, dtype, shard_mb, batch_size, effective_max)
     seconds = time.perf_counter() - start_time
     print(f"cached {_describe(result)} in {seconds:.1f} s ({(len(data) - start) / seconds:.1f} examples/s) -> {out}")
     return Path(out)
+
+
+def _capture_rest(capture: HeadCapture, data, writer: CacheWriter, dtype: str, shard_mb: float, batch_size: int,
+                  effective_max: int | None) -> HeadCache:
+    """Capture the examples the writer does not hold yet, in shards of about ``shard_mb``, and finish the cache."""
+    row_bytes = len(capture.layers) * capture.n_heads * capture.d_head * (2 if dtype == "float16" else 4)
+    write_shards(capture, data, writer, max(1, int(shard_mb * 2**20 / row_bytes)), batch_size)
+    if capture.truncated:
+        log.warning("%d examples were longer than %d tokens and were truncated to their first %d",
+                    capture.truncated, effective_max, effective_max)
+    extra = {"group": data.groups} if data.groups is not None else None
+    return writer.finish(data.labels, extra, truncated_examples=capture.truncated)
+
+
+def _max_length(loaded, max_length: int | None) -> int | None:
+    """The tokens an input may have: ``max_length`` (checked against the model's context) or the context."""
+    limit_tokens = context_length(loaded.model, loaded.tokenizer)
+    if max_length is not None and limit_tokens is not None and max_length > limit_tokens:
+        raise HeadlabError(f"max_length {max_length} exceeds the model's context of {limit_tokens} tokens")
+    return max_length or limit_tokens
 
 
 def _check_numbers(batch_size: int, max_length: int | None, shard_mb: float, layers: list[int] | None) -> None:

@@ -25,6 +25,7 @@ from torch import nn
 
 from headlab.errors import HeadlabError
 from headlab.heads import HeadSite, head_sites, hook_heads, select_layers
+from headlab.models import input_device
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class HeadCapture:
         self.d_head = self.sites[0].d_head
         self.max_length = max_length
         self.store_dtype = store_dtype
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         self.truncated = 0
 
     def _select(self, z: torch.Tensor, batch: Tokenized, rows: tuple[torch.Tensor, torch.Tensor] | None):

@@ -194,10 +194,16 @@ def output_weights(site: HeadSite) -> tuple[torch.Tensor, torch.Tensor | None]:
     The projection's output is ``sum_h z_h @ W_O[h] + bias``.
     """
     module = site.module
-    weight = module.weight
+    weight, bias = module.weight, getattr(module, "bias", None)
+    if weight.device.type == "meta":  # offloaded by accelerate (headlab.placement): load it for this read
+        from headlab.placement import module_weights
+
+        with module_weights(module):
+            weight = module.weight.detach().clone()
+            bias = None if module.bias is None else module.bias.detach().clone()
     if type(module).__name__ == "Conv1D":  # weight [in, out]
         w_in_out = weight
     else:  # nn.Linear: weight [out, in]
         w_in_out = weight.T
     w_o = w_in_out.reshape(site.n_heads, site.d_head, w_in_out.shape[-1])
-    return w_o, getattr(module, "bias", None)
+    return w_o, bias

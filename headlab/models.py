@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from headlab.errors import HeadlabError
+from headlab.placement import Placement, describe_placement, module_weights
 from headlab.publish import publish_folder
 
 log = logging.getLogger(__name__)
@@ -208,8 +209,10 @@ def load_model(
     attn_implementation: str | None = None,
     revision: str | None = None,
     need_tokenizer: bool = True,
+    placement: Placement | None = None,
 ) -> LoadedModel:
-    """Load a model and its tokenizer in eval mode on ``device`` (``auto``: CUDA when available).
+    """Load a model and its tokenizer in eval mode on ``device`` (``auto``: CUDA when available), or spread over
+    devices, CPU memory and disk by accelerate when ``placement`` has a ``device_map`` (:mod:`headlab.placement`).
 
     ``head``: ``base`` (AutoModel), ``causal_lm``, ``masked_lm``, or ``auto`` (AutoModel for encoders, a causal LM
     otherwise). ``attn_implementation="eager"`` is what pattern detectors need. Without ``need_tokenizer`` a model
@@ -226,6 +229,9 @@ def load_model(
     kwargs = {"dtype": TORCH_DTYPES[dtype], "revision": revision}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    dispatched = placement is not None and placement.device_map is not None
+    if dispatched:
+        kwargs.update(placement.from_pretrained_kwargs())
     try:
         if head == "auto":
             config = transformers.AutoConfig.from_pretrained(source, revision=revision)
@@ -234,6 +240,8 @@ def load_model(
                 "masked_lm": transformers.AutoModelForMaskedLM}[head]
         model = auto.from_pretrained(source, **kwargs)
     except Exception as error:  # transformers and safetensors raise many types for damaged or unknown models
+        if dispatched:
+            placement.explain_load_error(error)
         raise _load_error(spec, source, error, "model") from error
     tokenizer = None
     try:
@@ -244,8 +252,24 @@ def load_model(
         tokenizer = None
         if need_tokenizer:
             raise _load_error(spec, source, error, "tokenizer of") from error
-    model.eval().to(target)
+    if dispatched:  # accelerate placed every module and moves each one's inputs to where it runs
+        model.eval()
+        print(describe_placement(model), flush=True)
+    else:
+        model.eval().to(target)
     return LoadedModel(model, tokenizer, spec, source)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's inputs go: its first parameter's device, or for a model dispatched by accelerate (offloaded
+    parameters sit on ``meta``) the device of the first module of its device map (CPU for ``cpu`` and ``disk``)."""
+    placed = getattr(model, "hf_device_map", None)
+    if placed:
+        first = next(iter(placed.values()))
+        if isinstance(first, int) or (isinstance(first, str) and first.startswith(("cuda", "mps"))):
+            return torch.device(f"cuda:{first}" if isinstance(first, int) else first)
+        return torch.device("cpu")
+    return next(model.parameters()).device
 
 
 def resolve_device(device: str) -> torch.device:
@@ -265,6 +289,10 @@ def weights_fingerprint(model: nn.Module, sample: int = 4096) -> str:
     and last ``sample`` values. Changes whenever any tensor is replaced, resized or fine-tuned in practice."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
+        if tensor.device.type == "meta":  # offloaded by accelerate: read it where it lives (the same fingerprint)
+            owner, _, attribute = name.rpartition(".")
+            with module_weights(model.get_submodule(owner)) as module:
+                tensor = getattr(module, attribute).detach().clone()
         flat = tensor.detach().reshape(-1)
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         for part in (flat[:sample], flat[-sample:]):

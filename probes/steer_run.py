@@ -24,7 +24,7 @@ def steer_top_heads(cache: HeadCache, problem: ProbeProblem, frame: pd.DataFrame
     """Steer the cache's model along the top heads' directions on held-out (test) examples."""
     from data.capture import forward_inputs, tokenize_batch
     from data.datasets import DatasetConfig, load_dataset
-    from headlab.models import load_model
+    from headlab.models import input_device, load_model
 
     if problem.kind != "binary" and steer.continuations is None:
         raise HeadlabError("the steering check without --steer.continuations needs a binary label")
@@ -35,7 +35,7 @@ def steer_top_heads(cache: HeadCache, problem: ProbeProblem, frame: pd.DataFrame
     model_id = steer.model or manifest["model"]["id"]
     loaded = load_model(model_id, device=steer.device, head="causal_lm" if steer.continuations else "base")
     batch = tokenize_batch(loaded.tokenizer, texts, None)
-    device = next(loaded.model.parameters()).device
+    device = input_device(loaded.model)
     inputs = forward_inputs(loaded.model, batch, device)
     if steer.continuations:
         ids = [loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in steer.continuations]

@@ -33,6 +33,7 @@ from data.tasks import Batch
 from headlab.errors import HeadlabError
 from headlab.heads import HeadFn, HeadSite, head_sites, hook_heads
 from headlab.interventions import mean_ablation, replace_heads, zero_ablation
+from headlab.models import input_device
 from roles.task_loss import task_losses
 
 AblationKind = Literal["zero", "mean", "resample"]
@@ -40,7 +41,7 @@ Head = tuple[int, int]
 
 
 def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    device = next(model.parameters()).device
+    device = input_device(model)
     return model(input_ids=input_ids.to(device)).logits.cpu()
 
 

@@ -27,6 +27,7 @@ from data.builtin import countries
 from data.tasks import IGNORE, Batch
 from headlab.errors import HeadlabError
 from headlab.heads import head_sites, hook_heads, output_weights
+from headlab.models import input_device
 from roles.batches import text_frame
 from roles.evidence import Evidence, masked_attention
 from roles.patterns import patterns_of
@@ -78,7 +79,7 @@ def capitals_batch(tokenizer, batch_size: int, seed: int, model: nn.Module | Non
 @torch.no_grad()
 def _answered(model: nn.Module, prompts: list[tuple[list[int], list[bool], int]], chunk: int = 32) -> list[bool]:
     """Whether the model's top-1 next token after each prompt (ids, subject mask, answer) is the answer."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     out = []
     for start in range(0, len(prompts), chunk):
         part = prompts[start:start + chunk]
@@ -102,7 +103,7 @@ def logit_shares(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Te
     answer), each as a share of the model's mean logit margin: two ``[B, layers, heads]`` tensors, and the margins
     ``[B]``."""
     ids, answers, distractors = batch["input_ids"], batch["answers"], batch["distractors"]
-    device = next(model.parameters()).device
+    device = input_device(model)
     sites = head_sites(model)
     norm = _final_norm(model)
     last: dict[int, torch.Tensor] = {}

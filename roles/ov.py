@@ -21,6 +21,7 @@ from torch import nn
 from data.tasks import Batch
 from headlab.errors import HeadlabError
 from headlab.heads import head_sites, output_weights
+from headlab.models import input_device
 from roles.evidence import Evidence, indicator_evidence
 from roles.registry import register
 
@@ -108,7 +109,7 @@ def effective_embeddings(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor
     """``[n, d_model]``: the residual stream after the first block for each token alone (its embedding plus what
     layer 0's attention and MLP add), which Wang et al. use as the token's representation for the OV circuits of
     later layers (the name-copy score)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     out = model(input_ids=tokens[:, None].to(device), output_hidden_states=True)
     return out.hidden_states[1][:, 0].float().cpu()
 

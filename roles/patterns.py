@@ -24,6 +24,7 @@ from torch import nn
 
 from data.tasks import Batch
 from headlab.errors import HeadlabError
+from headlab.models import input_device
 from roles.evidence import Evidence, attention_evidence, masked_attention
 from roles.registry import register
 
@@ -42,7 +43,7 @@ def attention_patterns(model: nn.Module, input_ids: torch.Tensor) -> torch.Tenso
     was_training = model.training
     model.eval()
     try:
-        device = next(model.parameters()).device
+        device = input_device(model)
         out = model(input_ids=input_ids.to(device), output_attentions=True)
     finally:
         model.train(was_training)

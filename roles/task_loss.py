@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.tasks import IGNORE, sequence_loss
+from headlab.models import input_device
 
 _CHECKED = "_headlab_backbone_logits"
 
@@ -27,7 +28,7 @@ def _backbone(model: nn.Module) -> nn.Module | None:
 
 @torch.no_grad()
 def _backbone_matches(model: nn.Module, base: nn.Module, ids: torch.Tensor) -> bool:
-    device = next(model.parameters()).device
+    device = input_device(model)
     probe = ids[:1].to(device)
     full = model(input_ids=probe).logits.float()
     hidden = base(input_ids=probe).last_hidden_state
@@ -40,7 +41,7 @@ def task_losses(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor) -> t
     base = _backbone(model)
     if base is not None and getattr(model, _CHECKED, None) is None:
         setattr(model, _CHECKED, _backbone_matches(model, base, ids))
-    device = next(model.parameters()).device
+    device = input_device(model)
     if base is None or not getattr(model, _CHECKED):
         return sequence_loss(model(input_ids=ids.to(device)).logits.cpu(), targets)
     hidden = base(input_ids=ids.to(device)).last_hidden_state  # [B, T, d_model]

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from headlab.models import input_device
+
 
 def fourier_basis(p: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The orthonormal real Fourier basis of functions on ``Z_p`` and the frequency of each basis vector.
@@ -157,7 +159,7 @@ def all_pair_logits(model: nn.Module, p: int, batch: int = 4096) -> torch.Tensor
     a = torch.arange(p).repeat_interleave(p)
     b = torch.arange(p).repeat(p)
     ids = torch.stack((a, b, torch.full_like(a, p)), dim=1)  # [p*p, 3]
-    device = next(model.parameters()).device
+    device = input_device(model)
     chunks = [ids[i : i + batch].to(device) for i in range(0, len(ids), batch)]
     return torch.cat([model(input_ids=chunk).logits[:, -1, :p].float().cpu() for chunk in chunks])
 

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from headlab.models import LoadedModel
+from headlab.models import LoadedModel, input_device
 from headlab.statistics import draws_for
 from roles.knowledge import capitals_batch
 from roles.mapping import Batches, DetectConfig, GroupCheck, group_check, map_heads
@@ -136,7 +136,7 @@ def steer_truth(loaded: LoadedModel, cache, probe_dir: Path, detected: pd.DataFr
     directions = head_directions(table, heads, cache.layers, "mass_mean")
     batch = capitals_batch(loaded.tokenizer, 32, seed + 5)
     wrong = batch["answers"].roll(1)
-    device = next(loaded.model.parameters()).device
+    device = input_device(loaded.model)
     inputs = {"input_ids": batch["input_ids"].to(device)}
 
     def readout(outputs, _inputs) -> torch.Tensor:  # [B]: logit(true capital) - logit(false capital), last position
