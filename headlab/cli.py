@@ -8,14 +8,17 @@ command line. Commands are imported only when chosen, so ``--help`` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 
-from headlab.errors import HeadlabError
+from headlab.errors import HeadlabError, Interrupted
 
 # command name -> ("module:function", one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -106,10 +109,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_libraries()
     try:
         fn, kwargs = parse_command(command, rest, exit_on_error=False)
-        fn(**kwargs)
+        with signals_interrupt():
+            fn(**kwargs)
+    except Interrupted as stop:
+        return interrupted(command, stop.signum)
     except KeyboardInterrupt:
-        print("interrupted: completed work is on disk; run the same command again to resume", file=sys.stderr)
-        return 130
+        return interrupted(command, signal.SIGINT)
+    except SystemExit as stop:  # Lightning ends a run told to stop (SIGTERM) with a SIGTERMException (exit code 0)
+        if type(stop).__name__ != "SIGTERMException":
+            raise  # --help and the like
+        return interrupted(command, signal.SIGTERM)
     except Exception as error:
         if debug:
             raise
@@ -117,6 +126,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return code
     return 0
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """While the command runs, SIGTERM (how SLURM and Kubernetes stop a job) and SIGINT raise
+    :class:`headlab.errors.Interrupted`, which ``except Exception`` blocks let through and Lightning re-raises; the
+    previous handlers come back afterwards. Only the main thread can install handlers; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        raise Interrupted(signum)
+
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def interrupted(command: str, signum: int) -> int:
+    """Print what was interrupted and how to resume; the conventional exit code ``128 + signum``."""
+    name = signal.Signals(signum).name
+    print(f"interrupted ({name}): `{command}` stopped before it finished; completed work is on disk, run the same "
+          "command again to resume", file=sys.stderr, flush=True)
+    return 128 + int(signum)
 
 
 def describe_error(error: BaseException, command: str) -> tuple[int, str]:

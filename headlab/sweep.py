@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from headlab.errors import HeadlabError
+from headlab.errors import HeadlabError, Interrupted
 from headlab.runs import atomic_write_text, run_directory, save_config, save_figure, to_plain
 from headlab.sweep_spec import SweepSpec, parse_sweep, read_metric, read_sweep_file, trial_config
 from headlab.tracking import current_trial
@@ -159,8 +159,15 @@ def sweep(
                     optuna.trial.TrialState.RUNNING)
         remaining = total - len(study.get_trials(deepcopy=False, states=finished))
         if remaining > 0:
-            study.optimize(_objective(spec, out, name), n_trials=remaining, catch=(HeadlabError,),
-                           callbacks=[optuna.study.MaxTrialsCallback(total, states=finished)])
+            stopped: list[dict] = []  # parameters of a trial a signal stopped
+            try:
+                study.optimize(_objective(spec, out, name, stopped), n_trials=remaining, catch=(HeadlabError,),
+                               callbacks=[optuna.study.MaxTrialsCallback(total, states=finished)])
+            except KeyboardInterrupt as stop:  # Optuna has failed the trial; the next run retries its parameters
+                for params in stopped:
+                    study.enqueue_trial(params, skip_if_exists=False)
+                write_trials(study, out)
+                raise (stop.__cause__ if isinstance(stop.__cause__, Interrupted) else stop) from None
         write_summary(study, spec, out)
     return out
 
@@ -198,8 +205,10 @@ def _retry_dead_trials(study, storage, name: str) -> None:
               "parameters", flush=True)
 
 
-def _objective(spec: SweepSpec, out: Path, group: str):
-    """Optuna's objective: run the command on the trial's config and read the metric from its run directory."""
+def _objective(spec: SweepSpec, out: Path, group: str, stopped: list[dict]):
+    """Optuna's objective: run the command on the trial's config and read the metric from its run directory. A
+    trial a signal stops appends its parameters to ``stopped`` and ends as a KeyboardInterrupt, which Optuna turns
+    into a failed trial before re-raising."""
     import optuna
 
     from headlab.tracking import finish_wandb
@@ -223,6 +232,10 @@ def _objective(spec: SweepSpec, out: Path, group: str):
             value = read_metric(run_dir, spec.metric)
         except optuna.TrialPruned:
             raise
+        except (Interrupted, KeyboardInterrupt) as stop:  # Optuna fails a trial on KeyboardInterrupt only
+            trial.set_user_attr("error", f"interrupted ({stop or 'SIGINT'}); retried when the sweep runs again")
+            stopped.append(dict(trial.params))
+            raise KeyboardInterrupt(str(stop)) from stop
         except Exception as error:
             from headlab.cli import describe_error
 
@@ -243,8 +256,8 @@ def _objective(spec: SweepSpec, out: Path, group: str):
     return objective
 
 
-def write_summary(study, spec: SweepSpec, out: Path) -> None:
-    """trials.csv, best.yaml and the plots, from whatever the study holds now."""
+def write_trials(study, out: Path) -> None:
+    """trials.csv: one row per trial of the study, in any state."""
     import pandas as pd
 
     rows = []
@@ -252,8 +265,12 @@ def write_summary(study, spec: SweepSpec, out: Path) -> None:
         rows.append({"number": t.number, "state": t.state.name, **{f"params.{k}": v for k, v in t.params.items()},
                      "objective": t.value, "seconds": t.user_attrs.get("seconds"),
                      "run_dir": t.user_attrs.get("run_dir"), "error": t.user_attrs.get("error")})
-    table = pd.DataFrame(rows)
-    atomic_write_text(out / "trials.csv", table.to_csv(index=False))
+    atomic_write_text(out / "trials.csv", pd.DataFrame(rows).to_csv(index=False))
+
+
+def write_summary(study, spec: SweepSpec, out: Path) -> None:
+    """trials.csv, best.yaml and the plots, from whatever the study holds now."""
+    write_trials(study, out)
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if not complete:
         failed = [t for t in study.get_trials(deepcopy=False) if t.state.name == "FAIL" and "log" in t.user_attrs]
