@@ -181,7 +181,7 @@ def cache(
     spec = describe(loaded, capture, data, config, dtype, model_dtype, effective_max)
     if out is None:
         out = Path("runs/cache") / f"{_slug(model)}-{_slug(dataset)}-{positions}-{cache_key(spec.identity())[:10]}"
-    with run_directory(out, "cache"):
+    with run_directory(out, "cache", layout=CacheWriter.LAYOUT):
         writer = CacheWriter(out, spec.identity(), spec.header())
         save_config(out, {**arguments, "out": out})
         if writer.complete:

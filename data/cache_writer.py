@@ -34,6 +34,10 @@ class CacheWriter:
     are written by :meth:`finish`, after :meth:`add_shard` has been called once per shard, in order.
     """
 
+    LAYOUT = ("shards", "labels", "rows")
+    """The cache's own subfolders (where a killed writer's temporary files may lie)."""
+
+
     def __init__(self, path: str | Path, identity: Mapping[str, Any], header: Mapping[str, Any]):
         self.path = Path(path)
         self.key = cache_key(identity)

@@ -167,7 +167,7 @@ _TEMP_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # the names atomic_wri
 
 @contextlib.contextmanager
 def run_directory(out: str | Path, command: str, *, accepts: Sequence[str] = (),
-                  exclusive: bool = True) -> Iterator[Path]:
+                  exclusive: bool = True, layout: Sequence[str] = ()) -> Iterator[Path]:
     """Claim ``out`` for one run of ``command`` for the duration of the block.
 
     - The path is checked first: one that is a file, lies under a file, or cannot be written is a one-line error,
@@ -177,24 +177,31 @@ def run_directory(out: str | Path, command: str, *, accepts: Sequence[str] = (),
     - With ``exclusive`` (every command but a sweep, whose workers share one folder by design) the directory is
       locked (``flock`` on ``.headlab.lock``) until the block ends; a second run into it fails at once. Sweep
       workers hold the lock shared. The lock dies with its process, so a killed run never leaves a stale lock.
-    - Whoever holds the folder alone removes the temporary files a killed run left behind.
+    - ``--out ""``, ``--out .`` (the current folder) and a folder holding files but no headlab run are refused:
+      a run never mixes its files with a user's.
+    - Whoever holds the folder alone removes the temporary files a killed run left behind: at the top level of
+      ``out`` and of the run's own ``layout`` subfolders (e.g. a cache's ``shards``), nowhere else.
     - A directory this call created is removed again when the block ends in a :class:`HeadlabError` before any
       output was written (bad input found after the claim); results written so far, and an interrupted run's
       work, are kept.
     """
     out = Path(out)
+    _check_not_here(out)
     _check_writable(out)
     marker = out / RUN_MARKER
-    owner = _run_owner(out)
+    owner = run_owner(out)
     if owner is not None and owner != command and owner not in accepts:
         raise HeadlabError(
             f"--out {out} holds a `{owner}` run; a `{command}` run would overwrite its files: choose another --out"
         )
+    if owner is None and out.is_dir() and any(out.iterdir()):
+        raise HeadlabError(f"--out {out} holds files headlab did not write; a `{command}` run would mix its own "
+                           "files with them: choose a new or empty folder")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     handle = None
     try:
-        handle = _lock(out, exclusive)
+        handle = _lock(out, exclusive, layout)
         if owner is None:
             atomic_write_json(marker, {"command": command})
         yield out
@@ -208,6 +215,13 @@ def run_directory(out: str | Path, command: str, *, accepts: Sequence[str] = (),
             handle.close()
 
 
+def _check_not_here(out: Path) -> None:
+    """``--out ""``, ``--out .`` or any path naming the current folder would scatter a run's files among the user's."""
+    if str(out) in ("", ".") or out.resolve() == Path.cwd().resolve():
+        raise HeadlabError(f"--out {str(out)!r} names the current folder; a run writes many files: pass a folder of "
+                           "its own, e.g. --out runs/NAME")
+
+
 def _check_writable(out: Path) -> None:
     for parent in [out, *out.parents]:
         if parent.exists():
@@ -219,7 +233,7 @@ def _check_writable(out: Path) -> None:
             return
 
 
-def _run_owner(out: Path) -> str | None:
+def run_owner(out: Path) -> str | None:
     """The command whose run ``out`` holds: from its marker, or ``unknown`` for a config.yaml without one."""
     marker = out / RUN_MARKER
     if marker.exists():
@@ -232,7 +246,7 @@ def _run_owner(out: Path) -> str | None:
     return None
 
 
-def _lock(out: Path, exclusive: bool):
+def _lock(out: Path, exclusive: bool, layout: Sequence[str] = ()):
     """Hold ``out``'s lock file for the run: exclusively, or shared with the other workers of a sweep. Whoever
     finds itself alone (an exclusive lock is free) removes the temporary files a killed run left."""
     import fcntl
@@ -248,18 +262,17 @@ def _lock(out: Path, exclusive: bool):
             ) from error
         fcntl.flock(handle, fcntl.LOCK_SH)  # other sweep workers are running: share, and leave their files alone
         return handle
-    _remove_stale_temp_files(out)
+    for folder in (out, *(out / name for name in layout)):
+        if folder.is_dir():
+            _remove_stale_temp_files(folder)
     if not exclusive:
         fcntl.flock(handle, fcntl.LOCK_SH)
     return handle
 
 
 def _remove_stale_temp_files(out: Path) -> None:
-    """Temporary files of :func:`atomic_write` that a killed run left (we hold the lock, so none is in use).
-    Nested runs (their own marker) and W&B's folder are left alone."""
-    for root, dirs, files in os.walk(out):
-        root_path = Path(root)
-        dirs[:] = [d for d in dirs if d != "wandb" and not (root_path / d / RUN_MARKER).exists()]
-        for name in files:
-            if _TEMP_FILE.match(name):
-                (root_path / name).unlink(missing_ok=True)
+    """Temporary files of :func:`atomic_write` that a killed run left directly in ``out`` (we hold the lock, so
+    none is in use). Its subfolders are left alone: they may be nested runs or hold anyone's files."""
+    for path in out.iterdir():
+        if path.is_file() and _TEMP_FILE.match(path.name):
+            path.unlink(missing_ok=True)

@@ -37,6 +37,7 @@ from headlab.runs import (
     find_runs,
     read_json_object,
     run_directory,
+    run_owner,
     save_figure,
     to_plain,
 )
@@ -326,6 +327,11 @@ def reemergence_command(runs: list[Path], out: Path = Path("runs/reemergence")) 
         The output directory.
     """
     run_dirs = find_runs(runs, "roles.csv", "python train.py toy --out DIR")
-    with run_directory(out, "reemergence", accepts=("toy",)):  # toy --seeds writes the same report
+    if run_owner(Path(out)) == "toy":  # toy --seeds writes the same report: only its own runs may rewrite it
+        own = find_runs([out], "roles.csv", "python train.py toy --out DIR")
+        if sorted(p.resolve() for p in own) != sorted(p.resolve() for p in run_dirs):
+            raise HeadlabError(f"--out {out} is a toy run whose report covers its own seeds; a report of other runs "
+                               "would replace it: choose another --out")
+    with run_directory(out, "reemergence", accepts=("toy",)):
         reemergence(run_dirs, out)
     return Path(out)
