@@ -302,7 +302,9 @@ def _solve_block(blk: _Block, fits, kind: str, curv: float, probe: ProbeConfig, 
         grad = gradient()
         active = np.abs(grad * unit[..., None]).max((2, 3)) > probe.tol
     budget, exact_steps = probe.max_iter - iteration, 0  # each head gets the same budget of exact steps
-    for b, f in zip(*np.nonzero(active)):
+    # exact steps are binary-only; a multiclass head unconverged after max_iter bound steps stays unconverged
+    # (reported in the summary's not_converged), never handed to the binary solver
+    for b, f in zip(*np.nonzero(active if kind == "binary" else np.zeros_like(active))):
         steps, converged = _exact_newton(xf[b], u[b, f], z[b, :, f], targets[:, f], row_w[:, f], penalty[b, f],
                                          probe.tol, budget, unit[b, f])
         active[b, f] = not converged
