@@ -29,6 +29,7 @@ from probes.report import (
     write_heads,
     write_summary,
 )
+from probes.trust import assess
 
 log = logging.getLogger("headlab.probe")
 BLOCK_HEADS = 4  # heads per block: 4 x 6000 rows x 128 dims x 4 bytes = 12 MB; two workers fit a 32 MB L3
@@ -86,7 +87,7 @@ def probe_heads(
             frame, top, heads_csv, heatmap = run.execute(track, start)
         finally:
             finish(track)
-    _print_report(frame, top, problem.kind, heads_csv, heatmap, time.perf_counter() - start)
+    _print_report(frame, top, problem, heads_csv, heatmap, time.perf_counter() - start)
     return out
 
 
@@ -189,14 +190,14 @@ def _fit(reader: HeadCache, problem, probe: ProbeConfig, solver: str, track, see
     return fits, mass
 
 
-def _print_report(frame, top, kind: str, heads_csv: Path, heatmap: Path, seconds: float) -> None:
-    metric = primary_metric(kind)
+def _print_report(frame, top, problem: ProbeProblem, heads_csv: Path, heatmap: Path, seconds: float) -> None:
+    metric = primary_metric(problem.kind)
     print(f"probed {len(frame)} heads in {seconds:.1f} s; top {len(top)} by validation (test {metric}):")
     for _, row in top.iterrows():
         ci = ""
         if f"{metric}_ci_low" in row:
             ci = f" [{row[f'{metric}_ci_low']:.3f}, {row[f'{metric}_ci_high']:.3f}]"
-        extra = f", selectivity {row['selectivity']:+.3f}" if "selectivity" in row else ""
+        extra = f", selectivity {row['selectivity']:+.3f}" if np.isfinite(row.get("selectivity", np.nan)) else ""
         print(f"  layer {int(row['layer'])} head {int(row['head'])}: {metric} {row[metric]:.3f}{ci}{extra}")
     if "degenerate_dims" in frame and (frame["degenerate_dims"] > 0).any():
         flat = frame[frame["degenerate_dims"] > 0]
@@ -204,5 +205,7 @@ def _print_report(frame, top, kind: str, heads_csv: Path, heatmap: Path, seconds
         more = f" and {len(flat) - 8} more" if len(flat) > 8 else ""
         print(f"note: {len(flat)} heads have near-constant output dimensions, standardised with a floored scale "
               f"(dims per head): {names}{more}; see degenerate_dims in heads.csv")
+    for warning in assess(problem).warnings:
+        print(f"warning: {warning}")
     print(f"heads: {heads_csv}")
     print(f"heatmap: {heatmap}")

@@ -25,6 +25,7 @@ from probes.metrics import (
     score_part,
 )
 from probes.newton import HeadFits
+from probes.trust import assess
 
 
 def evaluate(problem: ProbeProblem, fits: HeadFits, mass: MassMean | None, control: ControlConfig,
@@ -54,7 +55,8 @@ def evaluate(problem: ProbeProblem, fits: HeadFits, mass: MassMean | None, contr
     report = fits.scores[problem.report_fit, test]  # [test_rows, heads, outputs]
     table.update(score_part(report, y_test, kind, n_classes, control.calibration_bins))
     pred = predictions(report, kind)
-    if control.bootstrap:
+    trust = assess(problem)
+    if control.bootstrap and trust.intervals:
         groups = None if problem.groups is None else problem.groups[test]
         weights = bootstrap_weights(int(test.sum()), groups, control.bootstrap, seed)
         names = {"binary": ["accuracy"], "multiclass": ["accuracy", "macro_f1"], "regression": ["r2"]}[kind]
@@ -73,7 +75,8 @@ def evaluate(problem: ProbeProblem, fits: HeadFits, mass: MassMean | None, contr
         control_y = problem.fits[problem.control_fit].target[test]
         table[f"control_{metric}"] = score_part(control_scores, control_y, kind, n_classes,
                                                 control.calibration_bins, primary_only=True)[metric]
-        table["selectivity"] = table[metric] - table[f"control_{metric}"]
+        table["selectivity"] = (table[metric] - table[f"control_{metric}"] if trust.selectivity
+                                else np.full(n_total, np.nan))
     if mass is not None:
         mass_pred = predictions(mass.scores[test], kind)
         table["mass_mean_accuracy"] = (mass_pred == y_test[:, None]).mean(0)

@@ -15,6 +15,7 @@ from probes.evaluate import rank_column, top_heads
 from probes.mass_mean import MassMean
 from probes.metrics import primary_metric
 from probes.newton import HeadFits
+from probes.trust import assess
 
 
 def write_heads(run: Path, frame: pd.DataFrame) -> Path:
@@ -26,6 +27,7 @@ def write_heads(run: Path, frame: pd.DataFrame) -> Path:
 def summary(frame: pd.DataFrame, problem: ProbeProblem, top_k: int, metric: str, settings: dict[str, Any],
             seconds: float) -> dict[str, Any]:
     """summary.json: the top-k heads (chosen on validation, scored on test, with intervals) and the settings."""
+    trust = assess(problem)
     columns = [c for c in frame.columns if c not in {"converged", "iterations", "degenerate_dims"}]
     top = top_heads(frame, top_k)[columns]
     out: dict[str, Any] = {
@@ -38,6 +40,8 @@ def summary(frame: pd.DataFrame, problem: ProbeProblem, top_k: int, metric: str,
         f"mean_{metric}": float(frame[metric].mean()),
         f"max_{metric}": float(frame[metric].max()),
         "not_converged": int((~frame["converged"]).sum()),
+        "trusted": trust.trusted,
+        "warnings": trust.warnings,
         "seconds": round(seconds, 3),
         "settings": to_plain(settings),
     }

@@ -1,0 +1,51 @@
+"""Statistics that say when they cannot be trusted (probes/trust.py): each floor tripped by a planted case and
+not tripped just above it; intervals and selectivity withheld where they would be numbers without meaning."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["WANDB_MODE"] = "disabled"
+
+import json
+
+import numpy as np
+import pandas as pd
+
+from data import write_cache
+from probes import ControlConfig, probe
+from probes.trust import MIN_TEST_ROWS, MIN_UNITS
+
+
+def _run(tmp_path, rows: int, groups: int | None, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(rows) % 2
+    x = rng.normal(size=(rows, 1, 2, 4)).astype(np.float32)
+    x[:, 0, 1, 0] += 2.0 * y
+    grouping = None if groups is None else (np.arange(rows) // 2) % groups  # both classes in every group
+    cache = write_cache(tmp_path / "c", x.astype(np.float16), {"label": y}, groups=grouping).path
+    out = probe(cache, tmp_path / "r", logger="none", control=ControlConfig(permutations=0, bootstrap=50))
+    return json.loads((out / "summary.json").read_text()), pd.read_csv(out / "heads.csv")
+
+
+def test_one_test_group_gives_no_zero_width_interval_and_no_selectivity(tmp_path):
+    summary, heads = _run(tmp_path, rows=200, groups=4)
+    assert not summary["trusted"]
+    text = " ".join(summary["warnings"])
+    assert "bootstrap groups" in text and "selectivity is not reported" in text
+    assert "accuracy_ci_low" not in heads  # no [0.933, 0.933]
+    assert heads["selectivity"].isna().all()
+
+
+def test_six_rows_are_flagged(tmp_path):
+    summary, heads = _run(tmp_path, rows=6, groups=None)
+    assert not summary["trusted"]
+    assert any(f"(floor {MIN_TEST_ROWS})" in w for w in summary["warnings"])
+    assert any(f"(floor {MIN_UNITS})" in w for w in summary["warnings"]) and "accuracy_ci_low" not in heads
+
+
+def test_above_every_floor_nothing_is_withheld(tmp_path):
+    summary, heads = _run(tmp_path, rows=600, groups=60)
+    assert summary["trusted"] and summary["warnings"] == []
+    assert heads["accuracy_ci_low"].notna().all() and heads["selectivity"].notna().all()
+    assert (heads["accuracy_ci_low"] < heads["accuracy_ci_high"]).any()
