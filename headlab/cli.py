@@ -9,6 +9,7 @@ command line. Commands are imported only when chosen, so ``--help`` stays fast.
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import inspect
 import logging
@@ -165,6 +166,9 @@ def describe_error(error: BaseException, command: str) -> tuple[int, str]:
         return 2, text
     if isinstance(error, argparse.ArgumentError) or type(error).__module__.startswith("jsonargparse"):
         return 2, f"{text}; see python train.py {command} --help"
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        where = f" writing {error.filename}" if error.filename else ""
+        return 2, f"no space left on the device{where}; free some space or choose an --out on another disk"
     if isinstance(error, OSError) and error.filename is not None:
         return 2, f"cannot use {error.filename}: {error.strerror or text}; check the path and its permissions"
     return 1, (f"unexpected {type(error).__name__}: {text[:300]} (a bug in headlab: rerun with --debug for the "

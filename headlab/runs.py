@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 import json
 import os
 import re
@@ -38,11 +39,20 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; give the mode open() would
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask (read once: reading it means setting it, which is not thread-safe)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | Path, payload: bytes | memoryview) -> None:
@@ -181,9 +191,9 @@ def run_directory(out: str | Path, command: str, *, accepts: Sequence[str] = (),
       a run never mixes its files with a user's.
     - Whoever holds the folder alone removes the temporary files a killed run left behind: at the top level of
       ``out`` and of the run's own ``layout`` subfolders (e.g. a cache's ``shards``), nowhere else.
-    - A directory this call created is removed again when the block ends in a :class:`HeadlabError` before any
-      output was written (bad input found after the claim); results written so far, and an interrupted run's
-      work, are kept.
+    - A directory this call created is removed again when the block ends in an error before any output was
+      written (bad input found after the claim, or a crash): no marker, lock or config is left behind; results
+      written so far, and an interrupted run's work, are kept.
     """
     out = Path(out)
     _check_not_here(out)
@@ -205,9 +215,9 @@ def run_directory(out: str | Path, command: str, *, accepts: Sequence[str] = (),
         if owner is None:
             atomic_write_json(marker, {"command": command})
         yield out
-    except HeadlabError:
+    except Exception:  # an interrupted run (Interrupted, KeyboardInterrupt) keeps its folder to resume from
         bookkeeping = {RUN_MARKER, LOCK_NAME, CONFIG_NAME}
-        if created and all(p.name in bookkeeping for p in out.iterdir()):  # bad input found before any output
+        if created and all(p.name in bookkeeping for p in out.iterdir()):  # failed before any output
             shutil.rmtree(out, ignore_errors=True)
         raise
     finally:

@@ -105,3 +105,37 @@ def test_stale_temporary_files_are_removed_only_at_the_top_of_the_runs_own_folde
     assert main(["probe", "--cache", str(cache), "--out", str(out), *PROBE]) == 0
     assert not (out / ".heads.csv.abcdefgh.tmp").exists()
     assert (out / "notes" / ".mine.txt.abcdefgh.tmp").read_text() == "a user's file in a subfolder"
+
+
+def test_files_get_the_mode_the_umask_gives(tmp_path):
+    from headlab.runs import atomic_write_text
+
+    mask = os.umask(0)
+    os.umask(mask)
+    atomic_write_text(tmp_path / "f.txt", "x")
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
+
+
+def test_a_full_disk_is_a_clean_error_naming_the_path(cache, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import probes.command
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "heads.csv"))
+
+    monkeypatch.setattr(probes.command, "write_heads", full)
+    assert main(["probe", "--cache", str(cache), "--out", str(tmp_path / "run"), *PROBE]) == 2
+    err = capsys.readouterr().err
+    assert "no space left on the device writing" in err and "heads.csv" in err and "bug" not in err
+
+
+def test_a_crashed_run_leaves_no_marker_lock_or_config_in_the_folder_it_created(cache, tmp_path, monkeypatch):
+    import probes.command
+
+    def crash(*_args, **_kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(probes.command, "evaluate", crash)
+    assert main(["probe", "--cache", str(cache), "--out", str(tmp_path / "run"), *PROBE]) == 1
+    assert not (tmp_path / "run").exists()
