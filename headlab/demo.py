@@ -22,7 +22,7 @@ import yaml
 
 from data.cache import HeadCache
 from data.cache_command import cache
-from headlab.runs import atomic_write_text, run_directory, save_config
+from headlab.runs import RUN_MARKER, atomic_write_json, atomic_write_text, run_directory, save_config
 from headlab.tracking import LoggerKind
 
 log = logging.getLogger("headlab")
@@ -47,6 +47,7 @@ def demo(out: Path = Path("runs/demo"), statements: int = 906, device: str = "au
     with run_directory(out, "demo"):
         save_config(out, {"out": str(out), "statements": statements, "device": device, "logger": logger})
         work = out / "stages" / "work" / "smollm2"  # where the stage map looks for SmolLM2's probe: shared
+        atomic_write_json(out / "stages" / RUN_MARKER, {"command": "stages"})  # step 4's folder, prepared here
         _banner("1. cache every head of SmolLM2-135M-Instruct over the built-in true/false capitals statements")
         cache_dir = cache(model="smollm2", dataset="capitals", out=work / "cache-capitals", positions="last",
                           limit=statements, device=device)

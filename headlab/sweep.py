@@ -13,12 +13,15 @@ which the sweep imports and calls with the trial's config. Run sweep files you t
 from __future__ import annotations
 
 import contextlib
+import inspect
+import json
 import logging
 import math
 import os
 import socket
 import time
 import traceback
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,14 @@ import yaml
 
 from headlab.errors import HeadlabError, Interrupted
 from headlab.runs import atomic_write_text, run_directory, save_config, save_figure, to_plain
-from headlab.sweep_spec import SweepSpec, parse_sweep, read_metric, read_sweep_file, trial_config
+from headlab.sweep_spec import (
+    SweepSpec,
+    parse_sweep,
+    read_metric,
+    read_sweep_file,
+    study_identity,
+    trial_config,
+)
 from headlab.tracking import current_trial
 
 log = logging.getLogger("headlab")
@@ -68,13 +78,20 @@ def _storage(url: str | None, out: Path):
     url = url or f"sqlite:///{(out / 'study.db').resolve()}"
     storages = optuna.storages
     retry = getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or storages.RetryFailedTrialCallback
-    kwargs: dict[str, Any] = {"heartbeat_interval": 30, "grace_period": 120,
-                              "heartbeat_stale_trial_callback": retry(max_retry=1)}
+    # the keyword is heartbeat_stale_trial_callback since Optuna 4.9 and failed_trial_callback before
+    accepted = inspect.signature(storages.RDBStorage.__init__).parameters
+    keyword = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in accepted
+               else "failed_trial_callback")
+    with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna's words; a user cannot act on it
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        kwargs: dict[str, Any] = {"heartbeat_interval": 30, "grace_period": 120, keyword: retry(max_retry=1)}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     attempts = 5 if url.startswith("sqlite") else 2
     try:
-        return _retrying(lambda: optuna.storages.RDBStorage(url, **kwargs), attempts)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return _retrying(lambda: optuna.storages.RDBStorage(url, **kwargs), attempts)
     except Exception as error:
         raise HeadlabError(
             f"cannot open sweep storage {url.split('@')[-1]!r} ({type(error).__name__}: "
@@ -153,8 +170,12 @@ def sweep(
         study = _retrying(lambda: optuna.create_study(
             study_name=name, storage=study_storage, sampler=_sampler(spec), direction=spec.direction,
             load_if_exists=True, pruner=optuna.pruners.MedianPruner(n_startup_trials=2) if spec.prune else None))
+        _check_same_study(study, spec, name, out)
         atomic_write_text(out / "sweep.yaml", yaml.safe_dump(to_plain(raw), sort_keys=False))
         _retry_dead_trials(study, study_storage, name)
+        with warnings.catch_warnings():  # another machine's dead worker: its heartbeat stopped
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
         finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
                     optuna.trial.TrialState.RUNNING)
         remaining = total - len(study.get_trials(deepcopy=False, states=finished))
@@ -170,6 +191,21 @@ def sweep(
                 raise (stop.__cause__ if isinstance(stop.__cause__, Interrupted) else stop) from None
         write_summary(study, spec, out)
     return out
+
+
+def _check_same_study(study, spec: SweepSpec, name: str, out: Path) -> None:
+    """A study records the sweep that made it; a sweep file that differs (other than in its trial count) is refused
+    rather than reported as the old study's results."""
+    identity = json.loads(json.dumps(study_identity(spec)))
+    stored = study.user_attrs.get("sweep")
+    if stored is None:
+        if not study.trials:  # a new study: record what it is
+            study.set_user_attr("sweep", identity)
+        return
+    differ = [key for key in identity if stored.get(key) != identity[key]]
+    if differ:
+        raise HeadlabError(f"--out {out} holds study '{name}' of another sweep (it differs in {', '.join(differ)}); "
+                           "pass --study_name NEW to start a new study there, or choose a new --out")
 
 
 def _worker() -> str:

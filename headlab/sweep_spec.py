@@ -21,6 +21,7 @@ A W&B sweep file (``method``/``metric``/``parameters``, with the headlab command
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from dataclasses import dataclass, field
@@ -106,12 +107,38 @@ def _param(key: str, spec: Any) -> Param:
     )
 
 
+SWEEP_KEYS = ("command", "base", "base_config", "space", "objective", "sampler", "trials", "seed", "prune")
+"""The keys of a headlab sweep file."""
+
+
+def _known_keys(mapping: dict[str, Any], known: tuple[str, ...], path: str, prefix: str) -> None:
+    unknown = [str(k) for k in mapping if k not in known]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean `{prefix}{close[0]}`?)" if close else ""
+        raise HeadlabError(f"{path}: unknown key `{prefix}{unknown[0]}`{hint}; a sweep file's keys are: "
+                           f"{', '.join(prefix + k for k in known)}")
+
+
+def study_identity(spec: SweepSpec) -> dict[str, Any]:
+    """What makes two sweep files the same study: everything but the trial count (raising it continues a study)."""
+    from headlab.runs import to_plain
+
+    return {"command": spec.command, "base": to_plain(spec.base), "space": to_plain(spec.space),
+            "metric": spec.metric, "direction": spec.direction, "sampler": spec.sampler, "seed": spec.seed,
+            "prune": spec.prune}
+
+
 def parse_sweep(raw: dict[str, Any], path: str = "sweep file") -> SweepSpec:
     """Read a headlab sweep file (or a W&B one, converted by :func:`from_wandb`)."""
     from headlab.cli import COMMANDS
 
     if "parameters" in raw and "space" not in raw:
         raw = from_wandb(raw, path)
+    else:
+        _known_keys(raw, SWEEP_KEYS, path, "")
+        if isinstance(raw.get("objective"), dict):
+            _known_keys(raw["objective"], ("metric", "direction"), path, "objective.")
     command = raw.get("command")
     user_function = isinstance(command, str) and re.fullmatch(r"[\w.]+:\w+", command) is not None
     if not user_function and (command not in COMMANDS or command in {"sweep", "demo"}):
@@ -233,18 +260,25 @@ def read_metric(run_dir: Path, metric: str) -> float:
     files = [run_dir / name for name in (METRICS_FILE, "summary.json") if (run_dir / name).exists()]
     if not files:
         raise HeadlabError(f"run {run_dir} wrote neither {METRICS_FILE} nor summary.json to read the objective from")
-    logged: list[str] = []
+    logged: dict[str, Any] = {}
     for path in files:
         node: Any = json.loads(path.read_text())
-        logged += _flat_keys(node)
+        logged.update(_flat_numbers(node))
         for part in metric.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, (int, float)) and not isinstance(node, bool):
             return float(node)
-    raise HeadlabError(f"run {run_dir} does not log metric '{metric}'; it logs: {', '.join(sorted(logged))}")
+    top = sorted(k for k in logged if "." not in k)[:8]  # the run's own headline numbers
+    close = difflib.get_close_matches(metric, list(logged), n=3, cutoff=0.5)
+    hint = f"closest: {', '.join(close)}; " if close else ""
+    raise HeadlabError(f"run {run_dir} does not log metric '{metric}'; {hint}top-level metrics: "
+                       f"{', '.join(top) or 'none'} (dotted keys reach nested ones)")
 
 
-def _flat_keys(node: Any, prefix: str = "") -> list[str]:
-    if not isinstance(node, dict):
-        return [prefix]
-    return [k for key, value in node.items() for k in _flat_keys(value, f"{prefix}{key}.")] if node else []
+def _flat_numbers(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{dotted.key: value}`` of every number in a JSON object (lists are not entered)."""
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flat_numbers(value, f"{prefix}{key}.").items()}
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return {prefix.rstrip("."): node}
+    return {}

@@ -56,9 +56,9 @@ def test_a_toy_run_stopped_inside_lightning_exits_143_and_restarts(tmp_path):
     assert "restarting it from step 0" in again.stdout + again.stderr and (out / "metrics.json").exists()
 
 
-def _sweep_file(path: Path, seconds: float) -> Path:
+def _sweep_file(path: Path, hold: Path) -> Path:
     path.write_text(yaml.safe_dump({
-        "command": "sweep_target:quadratic", "base": {"seconds": seconds},
+        "command": "sweep_target:quadratic", "base": {"hold": str(hold)},
         "space": {"x": [0.0, 0.3], "y": [2]}, "objective": {"metric": "score", "direction": "maximize"},
         "sampler": "grid", "trials": 2, "seed": 0}))
     return path
@@ -68,8 +68,10 @@ def _sweep_file(path: Path, seconds: float) -> Path:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_sweep_stopped_mid_trial_fails_the_trial_lists_it_and_retries_it(tmp_path, signum):
     out = tmp_path / "sweep"
-    slow = _sweep_file(tmp_path / "slow.yaml", seconds=600)
-    process = _start("sweep", "--config", str(slow), "--out", str(out))
+    hold = tmp_path / "hold"
+    hold.write_text("trials wait while this file exists")
+    config = _sweep_file(tmp_path / "sweep.yaml", hold)
+    process = _start("sweep", "--config", str(config), "--out", str(out))
     _, err = _signal_when(process, lambda: (out / "trials" / "0000").is_dir(), signum)
     assert process.returncode == 128 + signum, err
     assert f"interrupted ({signal.Signals(signum).name}): `sweep`" in err
@@ -77,10 +79,9 @@ def test_a_sweep_stopped_mid_trial_fails_the_trial_lists_it_and_retries_it(tmp_p
     assert trials["state"].tolist() == ["FAIL", "WAITING"]  # the stopped trial, and its retry queued
     assert trials["error"][0].startswith("interrupted")
     stopped = trials["params.x"][0]
-    # the same sweep, now fast (the edited base is the same study: its space, metric and sampler are unchanged)
-    again = subprocess.run([sys.executable, str(REPO / "train.py"), "sweep", "--config",
-                            str(_sweep_file(tmp_path / "slow.yaml", seconds=0)), "--out", str(out)], cwd=REPO,
-                           env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    hold.unlink()  # the same sweep again, its trials no longer held
+    again = subprocess.run([sys.executable, str(REPO / "train.py"), "sweep", "--config", str(config), "--out",
+                            str(out)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300, check=False)
     assert again.returncode == 0, again.stderr
     trials = pd.read_csv(out / "trials.csv")
     complete = trials[trials["state"] == "COMPLETE"]

@@ -112,6 +112,19 @@ def test_objective_the_run_does_not_log_is_reported(tmp_path, capsys):
     assert trials["state"].tolist() == ["FAIL"] and "does not log metric 'accuracy'" in trials["error"][0]
 
 
+def test_a_missing_metric_names_the_closest_ones_in_one_short_line(tmp_path):
+    from headlab.errors import HeadlabError
+    from headlab.sweep_spec import read_metric
+
+    (tmp_path / "metrics.json").write_text('{"score": 1.0, "nested": {"x": 0.5, "scores": [1, 2]}, "name": "a"}')
+    assert read_metric(tmp_path, "nested.x") == 0.5
+    with pytest.raises(HeadlabError) as caught:
+        read_metric(tmp_path, "scor")
+    message = str(caught.value)
+    assert "closest: score" in message and "top-level metrics: score" in message
+    assert len(message) < 250 and ". " not in message.split("closest:")[1].split(";")[0]  # no 'score.' keys
+
+
 def test_wandb_file_with_unsupported_distribution_is_refused(tmp_path, capsys):
     path = tmp_path / "wandb.yaml"
     path.write_text(yaml.safe_dump({"method": "bayes", "metric": {"name": "score"}, "headlab_command": "probe",
@@ -181,3 +194,28 @@ def test_pruning_callback_reports_with_the_study_direction_and_prunes_bad_runs()
             sweep_callbacks("train/loss")[0].on_train_batch_end(Trainer(100, 5.0), None, None, None, 0)
     finally:
         current_trial.reset(token)
+
+
+def test_an_edited_sweep_file_is_refused_in_the_same_out(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["sweep", "--config", str(write_sweep(tmp_path / "s.yaml", trials=2)), "--out", str(out)]) == 0
+    before = (out / "trials.csv").read_text()
+    capsys.readouterr()
+    edited = write_sweep(tmp_path / "s.yaml", trials=2, objective={"metric": "nested.x", "direction": "minimize"})
+    assert main(["sweep", "--config", str(edited), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds study 's' of another sweep (it differs in metric, direction)" in err and "--study_name" in err
+    assert (out / "trials.csv").read_text() == before
+    # a new study name in the same folder runs; raising the trial count of the same file continues the study
+    assert main(["sweep", "--config", str(edited), "--out", str(out), "--study_name", "other"]) == 0
+    same = write_sweep(tmp_path / "s.yaml", trials=3)
+    assert main(["sweep", "--config", str(same), "--out", str(out), "--trials", "3"]) == 0
+
+
+@pytest.mark.parametrize("extra, message", [({"objectiv": {"metric": "score"}}, "unknown key `objectiv`"),
+                                            ({"objective": {"metric": "score", "goal": "max"}},
+                                             "unknown key `objective.goal`")])
+def test_unknown_keys_in_a_sweep_file_are_refused(tmp_path, capsys, extra, message):
+    config = write_sweep(tmp_path / "s.yaml", **extra)
+    assert main(["sweep", "--config", str(config), "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
