@@ -1,0 +1,155 @@
+"""Calibration of the detection rule (:func:`roles.rule.apply_rule`) at the defaults: how often it calls a head of
+a randomly initialised model (which has no head functions) a role, and how often it finds a planted one.
+
+``python -m roles.calibrate [--quick] --out DIR`` writes ``DIR/calibration.csv``, one row per (role, path):
+
+* ``tests``: (head, role) pairs judged on random models (models x layers x heads), ``false_positives`` those
+  detected, ``rate = false_positives / tests``;
+* ``upper95``: the one-sided 95% Clopper-Pearson upper bound of the rate, ``B^-1(0.95; k + 1, n - k)`` (1 when
+  ``k = n``), the Beta quantile of Clopper & Pearson (1934);
+* ``power``: planted heads detected / planted heads (one planted head per random model, see
+  :mod:`roles.calibration_cases`); empty where the role has no planted control (printed as a note).
+
+Cases are in :mod:`roles.calibration_cases`. The bound the rule claims (:mod:`roles.rule`): at most 1% of
+(head, role) pairs of random models detected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from scipy.stats import beta
+
+from headlab.errors import HeadlabError
+from headlab.runs import atomic_write_text
+from roles import calibration_cases as cases
+from roles.patterns import attention_patterns
+from roles.registry import DETECTORS, PATTERN_DETECTORS
+from roles.rule import apply_rule
+
+COLUMNS = ("role", "path", "tests", "false_positives", "rate", "upper95", "power")
+D_HEAD = cases.HIDDEN // 4
+
+
+def upper95(k: int, n: int) -> float:
+    """One-sided 95% Clopper-Pearson upper bound of a binomial rate with ``k`` successes in ``n`` trials."""
+    return 1.0 if k >= n else float(beta.ppf(0.95, k + 1, n - k))
+
+
+def roles_on(path: str, group: str) -> tuple[list[str], list[str]]:
+    """The registered roles of ``group`` that apply on ``path``, and a note for each that does not."""
+    roles, notes = [], []
+    for role in cases.GROUPS[group]:
+        if role not in DETECTORS:
+            notes.append(f"{role}: not a registered detector")
+        elif path == "bert" and role in cases.OV_ROLES:
+            notes.append(f"{role} on bert: an encoder has no map to next-token logits (OV/logit detectors)")
+        else:
+            roles.append(role)
+    return roles, notes
+
+
+@torch.no_grad()
+def measure_group(path: str, group: str, roles: list[str], models: int) -> dict[str, dict[str, int]]:
+    """False positives and planted detections of ``roles`` on ``models`` random models of ``path``."""
+    batch = cases.group_batch(group, cases.batch_size())
+    vocab = cases.vocab_of(batch)
+    counts = {role: {"tests": 0, "fp": 0, "planted": 0, "found": 0} for role in roles}
+    for seed in range(models):
+        model = cases.random_model(path, seed, vocab)
+        work = dict(batch)
+        if any(role in PATTERN_DETECTORS for role in roles):
+            work["attentions"] = attention_patterns(model, batch["input_ids"])
+        evidence = {role: DETECTORS[role](model, work) for role in roles}
+        verdicts = apply_rule(evidence, d_head=D_HEAD)
+        for role in roles:
+            counts[role]["tests"] += verdicts[role].detected.numel()
+            counts[role]["fp"] += int(verdicts[role].detected.sum())
+            target = cases.target_mask(role, work)
+            if target is None:
+                continue
+            planted = {**work, "attentions": cases.plant(work["attentions"], target)}
+            judged = apply_rule({**evidence, role: DETECTORS[role](model, planted)}, d_head=D_HEAD)
+            counts[role]["planted"] += 1
+            counts[role]["found"] += int(judged[role].detected[cases.PLANTED])
+    return counts
+
+
+def calibrate(models: int, paths: Sequence[str] = cases.PATHS) -> tuple[list[dict], list[str]]:
+    """Rows of the calibration table and the notes on what is not measured."""
+    rows, notes = [], []
+    for path in paths:
+        for group in cases.GROUPS:
+            roles, skipped = roles_on(path, group)
+            notes += skipped
+            for role, c in measure_group(path, group, roles, models).items():
+                power = f"{c['found'] / c['planted']:.3f}" if c["planted"] else ""
+                rows.append({"role": role, "path": path, "tests": c["tests"], "false_positives": c["fp"],
+                             "rate": f"{c['fp'] / c['tests']:.4f}", "upper95": f"{upper95(c['fp'], c['tests']):.4f}",
+                             "power": power})
+    unplanted = sorted({r["role"] for r in rows if not r["power"]})
+    if unplanted:
+        notes.append(f"no planted control (power empty): {', '.join(unplanted)}")
+    return rows, notes
+
+
+def to_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def to_table(rows: list[dict]) -> str:
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in COLUMNS}
+    lines = ["  ".join(c.ljust(widths[c]) for c in COLUMNS)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in COLUMNS) for r in rows]
+    return "\n".join(lines)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one error: line, exit 2 (headlab's CLI convention)
+        raise HeadlabError(f"{message}; usage: python -m roles.calibrate [--quick] [--models N] --out DIR")
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = _Parser(prog="python -m roles.calibrate", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder for calibration.csv")
+    parser.add_argument("--quick", action="store_true", help="10 random models per architecture instead of 20")
+    parser.add_argument("--models", type=int, default=None, help="random models per architecture (overrides)")
+    args = parser.parse_args(argv)
+    args.models = args.models if args.models is not None else (10 if args.quick else 20)
+    if args.models < 1:
+        raise HeadlabError(f"--models {args.models} must be at least 1 (10 or more for the power rows)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = parse(argv)
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise HeadlabError(f"--out {out} is a file; pass a folder")
+    except HeadlabError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    rows, notes = calibrate(args.models)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "calibration.csv", to_csv(rows))
+    print(to_table(rows))
+    for note in dict.fromkeys(notes):
+        print(f"note: {note}")
+    print(f"wrote {out / 'calibration.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
