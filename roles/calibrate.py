@@ -31,7 +31,7 @@ from headlab.runs import atomic_write_text
 from roles import calibration_cases as cases
 from roles.patterns import attention_patterns
 from roles.registry import DETECTORS, PATTERN_DETECTORS
-from roles.rule import apply_rule
+from roles.rule import ALSO_REQUIRES, apply_rule
 
 COLUMNS = ("role", "path", "tests", "false_positives", "rate", "upper95", "power")
 D_HEAD = cases.HIDDEN // 4
@@ -71,14 +71,26 @@ def measure_group(path: str, group: str, roles: list[str], models: int) -> dict[
         for role in roles:
             counts[role]["tests"] += verdicts[role].detected.numel()
             counts[role]["fp"] += int(verdicts[role].detected.sum())
-            target = cases.target_mask(role, work)
-            if target is None:
-                continue
-            planted = {**work, "attentions": cases.plant(work["attentions"], target)}
-            judged = apply_rule({**evidence, role: DETECTORS[role](model, planted)}, d_head=D_HEAD)
-            counts[role]["planted"] += 1
-            counts[role]["found"] += int(judged[role].detected[cases.PLANTED])
+            found = planted_detection(path, model, role, roles, work, evidence)
+            if found is not None:
+                counts[role]["planted"] += 1
+                counts[role]["found"] += int(found)
     return counts
+
+
+def planted_detection(path: str, model: torch.nn.Module, role: str, roles: list[str], work: dict,
+                      evidence: dict) -> bool | None:
+    """Whether the rule detects head :data:`cases.PLANTED` for ``role`` once it is planted (None: no plant): its
+    attention mixed towards the role's targets and, for the OV roles on the toy path, a copying OV circuit."""
+    target = cases.target_mask(role, work)
+    weights = role in cases.WEIGHT_PLANTS
+    if (weights and path != "toy") or (target is None and not weights):
+        return None
+    planted_model = cases.plant_copying(model) if weights else model
+    planted = {**work, "attentions": cases.plant(work["attentions"], target)} if target is not None else work
+    needed = [role, *(r for r in roles if r != role and ALSO_REQUIRES.get(role) == r)]
+    judged = apply_rule({**evidence, **{r: DETECTORS[r](planted_model, planted) for r in needed}}, d_head=D_HEAD)
+    return bool(judged[role].detected[cases.PLANTED])
 
 
 def calibrate(models: int, paths: Sequence[str] = cases.PATHS) -> tuple[list[dict], list[str]]:
@@ -122,10 +134,10 @@ class _Parser(argparse.ArgumentParser):
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = _Parser(prog="python -m roles.calibrate", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for calibration.csv")
-    parser.add_argument("--quick", action="store_true", help="10 random models per architecture instead of 20")
+    parser.add_argument("--quick", action="store_true", help="12 random models per architecture instead of 40")
     parser.add_argument("--models", type=int, default=None, help="random models per architecture (overrides)")
     args = parser.parse_args(argv)
-    args.models = args.models if args.models is not None else (10 if args.quick else 20)
+    args.models = args.models if args.models is not None else (12 if args.quick else 40)
     if args.models < 1:
         raise HeadlabError(f"--models {args.models} must be at least 1 (10 or more for the power rows)")
     return args

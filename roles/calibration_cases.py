@@ -69,7 +69,7 @@ def group_batch(group: str, size: int, seed: int = 1) -> Batch:
 def vocab_of(batch: Batch) -> int:
     """A vocabulary that holds every token of ``batch`` (at least 64)."""
     top = max(int(v.max()) for k, v in batch.items()
-              if isinstance(v, torch.Tensor) and not v.dtype == torch.bool and k != "targets")
+              if isinstance(v, torch.Tensor) and v.dtype != torch.bool and k != "targets")
     return max(64, top + 1)
 
 
@@ -122,7 +122,39 @@ def target_mask(role: str, batch: Batch) -> torch.Tensor | None:
         return batch["iteration_mask"]
     if role == "operand_attention":
         return batch["operand_mask"]
+    if role == "name_mover":
+        final = torch.zeros(n, seq, seq, dtype=torch.bool)
+        final[:, -1] = batch["io_mask"]
+        return final
     return None
+
+
+WEIGHT_PLANTS = {"copying", "name_copy", "name_mover"}
+"""Roles whose planted head also needs a copying OV circuit (:func:`plant_copying`; toy path only)."""
+
+
+@torch.no_grad()
+def plant_copying(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a toy ``model`` whose head :data:`PLANTED` copies: its OV circuit is ``Q Q^T`` (``W_V = Q``,
+    ``W_O = Q^T``), ``Q`` the top ``d_head`` right singular vectors of the centred embeddings, and the unembedding
+    tied to the embedding, so ``W_U norm(E)`` restricted to ``Q`` is close to a positive semi-definite Gram matrix
+    and the head raises the logit of the token it reads."""
+    import copy
+
+    planted = copy.deepcopy(model)
+    layer, head = PLANTED
+    attn = planted.blocks[layer].attn
+    d_head = attn.v_proj.weight.shape[0] // planted.config.num_attention_heads
+    embed = planted.embed.weight
+    _, _, vh = torch.linalg.svd(embed - embed.mean(-1, keepdim=True), full_matrices=False)
+    q = vh[:d_head].T  # [d_model, d_head], orthonormal columns
+    rows = slice(head * d_head, (head + 1) * d_head)
+    attn.v_proj.weight[rows] = q.T
+    attn.out_proj.weight[:, rows] = q
+    if getattr(attn.v_proj, "bias", None) is not None:
+        attn.v_proj.bias[rows] = 0
+    planted.lm_head.weight.copy_(embed)
+    return planted
 
 
 def plant(patterns: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
