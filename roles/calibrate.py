@@ -29,6 +29,7 @@ from scipy.stats import beta
 from headlab.errors import HeadlabError
 from headlab.runs import atomic_write_text
 from roles import calibration_cases as cases
+from roles.calibrate_probe import truthfulness_counts
 from roles.patterns import attention_patterns
 from roles.registry import DETECTORS, PATTERN_DETECTORS
 from roles.rule import ALSO_REQUIRES, apply_rule
@@ -93,22 +94,28 @@ def planted_detection(path: str, model: torch.nn.Module, role: str, roles: list[
     return bool(judged[role].detected[cases.PLANTED])
 
 
-def calibrate(models: int, paths: Sequence[str] = cases.PATHS) -> tuple[list[dict], list[str]]:
-    """Rows of the calibration table and the notes on what is not measured."""
+def row(role: str, path: str, c: dict[str, int]) -> dict:
+    """A table row from counts ``tests``, ``fp``, ``planted``, ``found``."""
+    power = f"{c['found'] / c['planted']:.3f}" if c["planted"] else ""
+    return {"role": role, "path": path, "tests": c["tests"], "false_positives": c["fp"],
+            "rate": f"{c['fp'] / c['tests']:.4f}", "upper95": f"{upper95(c['fp'], c['tests']):.4f}", "power": power}
+
+
+def calibrate(models: int, caches: int = 0, paths: Sequence[str] = cases.PATHS) -> tuple[list[dict], list[str]]:
+    """Rows of the calibration table and the notes on what is not measured: ``models`` random models per path for
+    the detectors, ``caches`` shuffled and planted head caches for the truthfulness probe (0: no probe row)."""
     rows, notes = [], []
     for path in paths:
         for group in cases.GROUPS:
             roles, skipped = roles_on(path, group)
             notes += skipped
-            for role, c in measure_group(path, group, roles, models).items():
-                power = f"{c['found'] / c['planted']:.3f}" if c["planted"] else ""
-                rows.append({"role": role, "path": path, "tests": c["tests"], "false_positives": c["fp"],
-                             "rate": f"{c['fp'] / c['tests']:.4f}", "upper95": f"{upper95(c['fp'], c['tests']):.4f}",
-                             "power": power})
+            rows += [row(role, path, c) for role, c in measure_group(path, group, roles, models).items()]
+    if caches:
+        rows.append(row("truthfulness", "probe", truthfulness_counts(caches)))
     unplanted: dict[str, list[str]] = {}
-    for row in rows:
-        if not row["power"]:
-            unplanted.setdefault(row["role"], []).append(row["path"])
+    for r in rows:
+        if not r["power"]:
+            unplanted.setdefault(r["role"], []).append(r["path"])
     for role, where in unplanted.items():
         why = ("the copying OV plant is built for the toy layout only" if role in cases.WEIGHT_PLANTS
                else "no planted head for this role yet")
@@ -158,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
-    rows, notes = calibrate(args.models)
+    rows, notes = calibrate(args.models, caches=10 if args.quick else 25)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "calibration.csv", to_csv(rows))
     print(to_table(rows))
