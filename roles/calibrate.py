@@ -29,6 +29,7 @@ from scipy.stats import beta
 from headlab.errors import HeadlabError
 from headlab.runs import atomic_write_text
 from roles import calibration_cases as cases
+from roles.calibrate_causal import causal_counts
 from roles.calibrate_probe import truthfulness_counts
 from roles.patterns import attention_patterns
 from roles.registry import DETECTORS, PATTERN_DETECTORS
@@ -101,9 +102,11 @@ def row(role: str, path: str, c: dict[str, int]) -> dict:
             "rate": f"{c['fp'] / c['tests']:.4f}", "upper95": f"{upper95(c['fp'], c['tests']):.4f}", "power": power}
 
 
-def calibrate(models: int, caches: int = 0, paths: Sequence[str] = cases.PATHS) -> tuple[list[dict], list[str]]:
+def calibrate(models: int, caches: int = 0, causal: int = 0,
+              paths: Sequence[str] = cases.PATHS) -> tuple[list[dict], list[str]]:
     """Rows of the calibration table and the notes on what is not measured: ``models`` random models per path for
-    the detectors, ``caches`` shuffled and planted head caches for the truthfulness probe (0: no probe row)."""
+    the detectors, ``caches`` shuffled and planted head caches for the truthfulness probe (0: no probe row),
+    ``causal`` random and planted toy models for the functional and group criteria (0: no rows)."""
     rows, notes = [], []
     for path in paths:
         for group in cases.GROUPS:
@@ -112,6 +115,9 @@ def calibrate(models: int, caches: int = 0, paths: Sequence[str] = cases.PATHS) 
             rows += [row(role, path, c) for role, c in measure_group(path, group, roles, models).items()]
     if caches:
         rows.append(row("truthfulness", "probe", truthfulness_counts(caches)))
+    if causal:
+        rows += [row(criterion, "toy", c) for criterion, c in causal_counts(causal).items()]
+        notes.append("functional, group: measured on the toy path only (a self-copying head planted in a toy model)")
     unplanted: dict[str, list[str]] = {}
     for r in rows:
         if not r["power"]:
@@ -165,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
-    rows, notes = calibrate(args.models, caches=10 if args.quick else 25)
+    rows, notes = calibrate(args.models, caches=10 if args.quick else 25, causal=20 if args.quick else 60)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "calibration.csv", to_csv(rows))
     print(to_table(rows))
