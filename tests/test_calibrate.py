@@ -15,8 +15,14 @@ from scipy.stats import binomtest
 from roles.calibrate import COLUMNS, main, upper95
 from roles.registry import DETECTORS
 
-MISCALIBRATED = {"operand_attention": "random heads attend from '=' to 'a b' (2 of 3 keys, above the 0.3 floor) and "
-                                      "prefer position 1 over position 2 consistently, so the paired test passes"}
+MISCALIBRATED = {
+    "operand_attention": "random heads attend from '=' to 'a b' (2 of 3 keys, above the 0.3 floor) and prefer "
+                         "position 1 over position 2 consistently, so the paired test passes (~28-40% of pairs)",
+    "functional": "a random head's ablation effect exceeds the other heads' mean by 3 standard errors and 0.01 nats "
+                  "in 4 of 160 (head, model) pairs: heads of a random model do not matter equally",
+    "group": "a random pair beats 19 random pairs of the other heads in 2 of 20 random models (nominal alpha 0.05)",
+}
+CRITERIA = {"truthfulness": 0.05, "functional": 0.01, "group": 0.05}  # nominal alpha where the rule has one
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +54,12 @@ def test_bad_arguments_end_with_one_error_line(capsys):
 def test_table_has_the_contract_columns_and_every_detector(table):
     columns, rows = table
     assert tuple(columns) == COLUMNS
-    assert {r["role"] for r in rows} == set(DETECTORS)
-    assert {r["path"] for r in rows} == {"toy", "gpt2", "gpt_neox", "llama", "bert"}
+    assert {r["role"] for r in rows} == set(DETECTORS) | set(CRITERIA)
+    assert {r["path"] for r in rows} == {"toy", "gpt2", "gpt_neox", "llama", "bert", "probe"}
     for row in rows:
         n, k = int(row["tests"]), int(row["false_positives"])
-        assert n == 40 * 2 * 4  # quick: 40 models x 2 layers x 4 heads
+        if row["role"] in DETECTORS:
+            assert n == 40 * 2 * 4  # quick: 40 models x 2 layers x 4 heads
         assert float(row["rate"]) == pytest.approx(k / n, abs=1e-4)
         assert float(row["upper95"]) == pytest.approx(upper95(k, n), abs=1e-4)
 
@@ -60,12 +67,13 @@ def test_table_has_the_contract_columns_and_every_detector(table):
 @pytest.mark.slow
 @pytest.mark.parametrize("role", [
     pytest.param(r, marks=pytest.mark.xfail(strict=True, reason=MISCALIBRATED[r])) if r in MISCALIBRATED else r
-    for r in sorted(DETECTORS)
+    for r in sorted(DETECTORS) + sorted(CRITERIA)
 ])
-def test_random_models_detect_at_most_one_percent(table, role):
+def test_random_models_detect_at_most_one_percent_or_alpha(table, role):
     rows = [r for r in table[1] if r["role"] == role]
     assert rows
-    high = [(r["path"], r["false_positives"], r["tests"]) for r in rows if float(r["rate"]) > 0.01]
+    bound = CRITERIA.get(role, 0.01)
+    high = [(r["path"], r["false_positives"], r["tests"]) for r in rows if float(r["rate"]) > bound]
     assert not high, f"{role}: false positives above 1% on {high}"
 
 
@@ -75,6 +83,7 @@ def test_planted_heads_are_found(table):
     powered = [r for r in rows if r["power"]]
     # every attention role is planted on every path, the copying OV roles on the toy path
     assert {r["role"] for r in powered} >= {"previous_token", "duplicate_token", "induction", "attention_sink",
-                                            "iteration", "operand_attention", "copying", "name_copy", "name_mover"}
+                                            "iteration", "operand_attention", "copying", "name_copy", "name_mover",
+                                            "truthfulness", "functional", "group"}
     weak = [(r["role"], r["path"], r["power"]) for r in powered if float(r["power"]) < 0.8]
     assert not weak, f"planted heads missed: {weak}"
