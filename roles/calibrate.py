@@ -29,7 +29,7 @@ from scipy.stats import beta
 from headlab.errors import HeadlabError
 from headlab.runs import atomic_write_text
 from roles import calibration_cases as cases
-from roles.calibrate_causal import causal_counts
+from roles.calibrate_causal import causal_counts, plant_self_copy
 from roles.calibrate_probe import truthfulness_counts
 from roles.patterns import attention_patterns
 from roles.registry import DETECTORS, PATTERN_DETECTORS
@@ -82,8 +82,25 @@ def measure_group(path: str, group: str, roles: list[str], models: int) -> dict[
 
 def planted_detection(path: str, model: torch.nn.Module, role: str, roles: list[str], work: dict,
                       evidence: dict) -> bool | None:
-    """Whether the rule detects head :data:`cases.PLANTED` for ``role`` once it is planted (None: no plant): its
-    attention mixed towards the role's targets and, for the OV roles on the toy path, a copying OV circuit."""
+    """Whether the rule detects the planted head for ``role`` (None: no plant). Attention roles: head
+    :data:`cases.PLANTED` with its attention mixed towards the role's targets and, for the OV roles on the toy path,
+    a copying OV circuit. Knowledge roles (toy path): head (0, 0) made self-copying, the final token set to the
+    answer (and, for memory, the subject's tokens too, and the position embeddings zeroed, so the head reads the
+    subject and writes the answer)."""
+    if role in ("memory", "amplification"):
+        if path != "toy":
+            return None
+        planted_model = plant_self_copy(model)
+        planted = {k: v for k, v in work.items() if k != "attentions"}
+        planted["input_ids"] = planted["input_ids"].clone()
+        planted["input_ids"][:, -1] = planted["answers"]
+        if role == "memory":  # positions zeroed: the head attends equally to every copy of the answer
+            with torch.no_grad():
+                planted_model.pos_embed.weight.zero_()
+            planted["input_ids"][planted["subject_mask"]] = planted["answers"].repeat_interleave(
+                planted["subject_mask"].sum(-1))
+        judged = apply_rule({**evidence, **{r: DETECTORS[r](planted_model, planted) for r in roles}}, d_head=D_HEAD)
+        return bool(judged[role].detected[0, 0])
     target = cases.target_mask(role, work)
     weights = role in cases.WEIGHT_PLANTS
     if (weights and path != "toy") or (target is None and not weights):
@@ -123,7 +140,8 @@ def calibrate(models: int, caches: int = 0, causal: int = 0,
         if not r["power"]:
             unplanted.setdefault(r["role"], []).append(r["path"])
     for role, where in unplanted.items():
-        why = ("the copying OV plant is built for the toy layout only" if role in cases.WEIGHT_PLANTS
+        toy_only = cases.WEIGHT_PLANTS | {"memory", "amplification"}
+        why = ("the planted weights are built for the toy layout only" if role in toy_only
                else "no planted head for this role yet")
         notes.append(f"{role}: power empty on {', '.join(where)} ({why})")
     return rows, notes

@@ -81,9 +81,9 @@ def test_random_models_detect_at_most_one_percent_or_alpha(table, role):
 def test_planted_heads_are_found(table):
     rows = table[1]
     powered = [r for r in rows if r["power"]]
-    # every attention role is planted on every path, the copying OV roles on the toy path
+    # every attention role is planted on every path; the copying OV and knowledge roles on the toy path
     assert {r["role"] for r in powered} >= {"previous_token", "duplicate_token", "induction", "attention_sink",
                                             "iteration", "operand_attention", "copying", "name_copy", "name_mover",
-                                            "truthfulness", "functional", "group"}
+                                            "memory", "amplification", "truthfulness", "functional", "group"}
     weak = [(r["role"], r["path"], r["power"]) for r in powered if float(r["power"]) < 0.8]
     assert not weak, f"planted heads missed: {weak}"
