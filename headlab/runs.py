@@ -208,7 +208,8 @@ def run_directory(out: str | Path, command: str, *, accepts: Sequence[str] = (),
         raise HeadlabError(f"--out {out} holds files headlab did not write; a `{command}` run would mix its own "
                            "files with them: choose a new or empty folder")
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    if created:
+        _create_marked(out, command)
     handle = None
     try:
         handle = _lock(out, exclusive, layout)
@@ -223,6 +224,20 @@ def run_directory(out: str | Path, command: str, *, accepts: Sequence[str] = (),
     finally:
         if handle is not None:
             handle.close()
+
+
+def _create_marked(out: Path, command: str) -> None:
+    """Create ``out`` with its run marker already inside (built under a temporary name, then renamed), so a run
+    killed at any moment never leaves a folder of its own that looks like someone else's."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".claim", dir=out.parent))
+    try:
+        atomic_write_json(tmp / RUN_MARKER, {"command": command})
+        os.rename(tmp, out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not out.is_dir():  # another process created it meanwhile: go on with its folder
+            raise
 
 
 def _check_not_here(out: Path) -> None:
