@@ -37,7 +37,6 @@ class CacheWriter:
     LAYOUT = ("shards", "labels", "rows")
     """The cache's own subfolders (where a killed writer's temporary files may lie)."""
 
-
     def __init__(self, path: str | Path, identity: Mapping[str, Any], header: Mapping[str, Any]):
         self.path = Path(path)
         self.key = cache_key(identity)

@@ -194,13 +194,9 @@ def output_weights(site: HeadSite) -> tuple[torch.Tensor, torch.Tensor | None]:
     The projection's output is ``sum_h z_h @ W_O[h] + bias``.
     """
     module = site.module
-    weight, bias = module.weight, getattr(module, "bias", None)
-    if weight.device.type == "meta":  # offloaded by accelerate (headlab.placement): load it for this read
-        from headlab.placement import module_weights
+    from headlab.placement import real_tensor  # an offloaded projection's weights sit on meta
 
-        with module_weights(module):
-            weight = module.weight.detach().clone()
-            bias = None if module.bias is None else module.bias.detach().clone()
+    weight, bias = real_tensor(module, "weight"), real_tensor(module, "bias")
     if type(module).__name__ == "Conv1D":  # weight [in, out]
         w_in_out = weight
     else:  # nn.Linear: weight [out, in]

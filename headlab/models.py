@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from headlab.errors import HeadlabError
-from headlab.placement import Placement, describe_placement, module_weights
+from headlab.placement import Placement, describe_placement, real_tensor
 from headlab.publish import publish_folder
 
 log = logging.getLogger(__name__)
@@ -291,8 +291,7 @@ def weights_fingerprint(model: nn.Module, sample: int = 4096) -> str:
     for name, tensor in model.state_dict().items():
         if tensor.device.type == "meta":  # offloaded by accelerate: read it where it lives (the same fingerprint)
             owner, _, attribute = name.rpartition(".")
-            with module_weights(model.get_submodule(owner)) as module:
-                tensor = getattr(module, attribute).detach().clone()
+            tensor = real_tensor(model.get_submodule(owner), attribute)
         flat = tensor.detach().reshape(-1)
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         for part in (flat[:sample], flat[-sample:]):

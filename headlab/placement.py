@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from headlab.errors import HeadlabError
@@ -80,6 +81,16 @@ def describe_placement(model: nn.Module) -> str:
     for module, device in getattr(model, "hf_device_map", {}).items():
         placed.setdefault(str(device), []).append(module or "(whole model)")
     return "device map: " + "; ".join(f"{device}: {', '.join(parts)}" for device, parts in placed.items())
+
+
+def real_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
+    """``module``'s parameter or buffer ``name`` with real values: read through the offload when accelerate left it
+    on ``meta`` (a copy), else the tensor itself."""
+    tensor = getattr(module, name, None)
+    if tensor is None or tensor.device.type != "meta":
+        return tensor
+    with module_weights(module):
+        return getattr(module, name).detach().clone()
 
 
 @contextlib.contextmanager

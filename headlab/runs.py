@@ -213,7 +213,7 @@ def run_directory(out: str | Path, command: str, *, accepts: Sequence[str] = (),
     handle = None
     try:
         handle = _lock(out, exclusive, layout)
-        if owner is None:
+        if owner is None and not created:  # an empty folder the user made; a new one has its marker already
             atomic_write_json(marker, {"command": command})
         yield out
     except Exception:  # an interrupted run (Interrupted, KeyboardInterrupt) keeps its folder to resume from

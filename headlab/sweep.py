@@ -72,6 +72,16 @@ def _retrying(make, attempts: int = 5):
     raise AssertionError("unreachable")
 
 
+@contextlib.contextmanager
+def _quiet_experimental() -> Iterator[None]:
+    """Optuna calls the heartbeat "experimental" on every use; a user cannot act on that warning."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
 def _storage(url: str | None, out: Path):
     import optuna
 
@@ -82,15 +92,13 @@ def _storage(url: str | None, out: Path):
     accepted = inspect.signature(storages.RDBStorage.__init__).parameters
     keyword = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in accepted
                else "failed_trial_callback")
-    with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna's words; a user cannot act on it
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with _quiet_experimental():
         kwargs: dict[str, Any] = {"heartbeat_interval": 30, "grace_period": 120, keyword: retry(max_retry=1)}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     attempts = 5 if url.startswith("sqlite") else 2
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with _quiet_experimental():
             return _retrying(lambda: optuna.storages.RDBStorage(url, **kwargs), attempts)
     except Exception as error:
         raise HeadlabError(
@@ -173,8 +181,7 @@ def sweep(
         _check_same_study(study, spec, name, out)
         atomic_write_text(out / "sweep.yaml", yaml.safe_dump(to_plain(raw), sort_keys=False))
         _retry_dead_trials(study, study_storage, name)
-        with warnings.catch_warnings():  # another machine's dead worker: its heartbeat stopped
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with _quiet_experimental():  # another machine's dead worker: its heartbeat stopped
             optuna.storages.fail_stale_trials(study)
         finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
                     optuna.trial.TrialState.RUNNING)

@@ -20,6 +20,8 @@ path ignores. The stage map reports its ordering test with and without attributi
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -76,16 +78,22 @@ def capitals_batch(tokenizer, batch_size: int, seed: int, model: nn.Module | Non
             "n_correct": torch.tensor(len(correct))}
 
 
+_KNOWN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {prompt ids: answered right}
+
+
 @torch.no_grad()
 def _answered(model: nn.Module, prompts: list[tuple[list[int], list[bool], int]], chunk: int = 32) -> list[bool]:
-    """Whether the model's top-1 next token after each prompt (ids, subject mask, answer) is the answer."""
+    """Whether the model's top-1 next token after each prompt (ids, subject mask, answer) is the answer; each
+    prompt is run once per model (the detection, evaluation and resampling batches draw from the same prompts)."""
+    known = _KNOWN.setdefault(model, {})
+    new = [p for p in prompts if tuple(p[0]) not in known]
     device = input_device(model)
-    out = []
-    for start in range(0, len(prompts), chunk):
-        part = prompts[start:start + chunk]
+    for start in range(0, len(new), chunk):
+        part = new[start:start + chunk]
         logits = model(input_ids=torch.tensor([p[0] for p in part], device=device)).logits[:, -1]
-        out += (logits.argmax(-1).cpu() == torch.tensor([p[2] for p in part])).tolist()
-    return out
+        right = (logits.argmax(-1).cpu() == torch.tensor([p[2] for p in part])).tolist()
+        known.update((tuple(p[0]), r) for p, r in zip(part, right))
+    return [known[tuple(p[0])] for p in prompts]
 
 
 def _final_norm(model: nn.Module) -> nn.Module:
