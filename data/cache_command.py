@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from data.cache import HeadCache
+from data.cache_parts import discard_other_parts
 from data.cache_writer import CacheWriter
 from data.capture import HeadCapture, Positions
 from data.datasets import DatasetConfig, LabelledDataset, load_dataset
@@ -84,24 +86,27 @@ def describe(loaded: LoadedModel, capture: HeadCapture, data: LabelledDataset, d
 
 
 def write_shards(capture: HeadCapture, data: LabelledDataset, writer: CacheWriter, shard_rows: int,
-                 batch_size: int) -> None:
-    """Capture examples ``writer.examples_done ..`` batch by batch and hand ``shard_rows``-row shards to a writer
-    thread; a killed run leaves only complete shards, and the next run starts after the last of them."""
+                 batch_size: int, stop: int | None = None) -> None:
+    """Capture examples ``writer.examples_done .. stop`` (default: all) batch by batch and hand ``shard_rows``-row
+    shards to a writer thread; a killed run leaves only complete shards, and the next run starts after the last
+    of them."""
     start = writer.examples_done
-    if start:
-        log.info("resuming %s from example %d of %d", writer.path, start, len(data))
+    stop = len(data) if stop is None else stop
+    if start and start < stop:
+        log.info("resuming %s from example %d of %d", writer.path, start, stop)
     background = _ShardWriterThread(writer)
     buffers: list = []
     buffered, done = 0, start
     try:
-        with progress(len(data) - start, f"caching {len(capture.layers)}x{capture.n_heads} heads",
+        with progress(stop - start, f"caching {len(capture.layers)}x{capture.n_heads} heads",
                       unit="examples") as advance:
-            for end, batch in capture.iterate(data.texts, data.marks, batch_size=batch_size, start=start):
+            for end, batch in capture.iterate(data.texts, data.marks, batch_size=batch_size, start=start,
+                                               stop=stop):
                 buffers.append(batch)
                 buffered += len(batch.example)
                 advance(end - done)
                 done = end
-                if buffered >= shard_rows or end == len(data):
+                if buffered >= shard_rows or end == stop:
                     background.put(
                         np.concatenate([b.activations for b in buffers]),  # [rows, layers, heads, d_head]
                         np.concatenate([b.example for b in buffers]),
@@ -135,6 +140,8 @@ def cache(
     device_map: str | None = None,
     max_memory: dict[str, str] | None = None,
     offload_folder: Path | None = None,
+    devices: int = 1,
+    num_nodes: int = 1,
 ) -> Path:
     """Cache every head's output (the attention output projection's input, per head) over a labelled dataset.
 
@@ -165,45 +172,94 @@ def cache(
             sequential) and print where each part went; default: the whole model on --device.
         max_memory: per-device memory for --device_map, e.g. '{"0": "70GiB", "cpu": "200GiB"}'; the rest: disk.
         offload_folder: folder for the weights --device_map offloads to disk.
+        devices: processes on this machine, each caching its own share of the examples (data parallel, started
+            by Lightning; one GPU each on CUDA, else CPU processes splitting the cores). Under torchrun or SLURM
+            the ranks come from the launcher and this must match its processes per node.
+        num_nodes: machines taking part (with torchrun --nnodes or SLURM); the output folder must be shared.
     """
     arguments = dict(locals())  # the resolved config, saved in the cache directory
     _check_numbers(batch_size, max_length, shard_mb, layers)
+    at_least("devices", devices, 1)
+    at_least("num_nodes", num_nodes, 1)
+    from data.cache_ranks import cache_data_parallel, launched_externally
+
+    if devices > 1 or num_nodes > 1 or launched_externally():
+        return cache_data_parallel(arguments)
     start_time = time.perf_counter()
-    config = DatasetConfig(dataset, text_field, label_field, mark_field, group_field, label_kind, split, limit)
-    data = load_dataset(config)
-    if positions == "marked" and data.marks is None:
-        raise HeadlabError(f"--positions marked needs marked tokens, but dataset {dataset} has no '{mark_field}' field")
-    loaded = load_model(model, dtype=model_dtype, device=device,
-                        placement=Placement(device_map, max_memory, offload_folder))
-    effective_max = _max_length(loaded, max_length)
-    capture = HeadCapture(loaded.model, loaded.tokenizer, positions=positions, layers=layers,
-                          max_length=effective_max, store_dtype=torch.float16 if dtype == "float16" else torch.float32)
-    spec = describe(loaded, capture, data, config, dtype, model_dtype, effective_max)
-    if out is None:
-        out = Path("runs/cache") / f"{_slug(model)}-{_slug(dataset)}-{positions}-{cache_key(spec.identity())[:10]}"
+    run = prepare(arguments, device)
+    out = run.out
     with run_directory(out, "cache", layout=CacheWriter.LAYOUT):
-        writer = CacheWriter(out, spec.identity(), spec.header())
+        writer = CacheWriter(out, run.spec.identity(), run.spec.header())
         save_config(out, {**arguments, "out": out})
         if writer.complete:
-            print(f"reused complete cache {out}: {_describe(HeadCache.open(out))}")
+            print(f"reused complete cache {out}: {describe_cache(HeadCache.open(out))}")
             return Path(out)
+        restarted = discard_other_parts(writer, [])
+        if restarted:
+            print(f"discarded {restarted} shards of an interrupted data-parallel run; restarting their examples")
         start = writer.examples_done
-        result = _capture_rest(capture, data, writer, dtype, shard_mb, batch_size, effective_max)
+        result = _capture_rest(run.capture, run.data, writer, dtype, shard_mb, batch_size, run.max_length)
     seconds = time.perf_counter() - start_time
-    print(f"cached {_describe(result)} in {seconds:.1f} s ({(len(data) - start) / seconds:.1f} examples/s) -> {out}")
+    print(f"cached {describe_cache(result)} in {seconds:.1f} s ({(len(run.data) - start) / seconds:.1f} examples/s) "
+          f"-> {out}")
     return Path(out)
+
+
+@dataclass
+class Prepared:
+    """What every process of a cache run builds first: the dataset, the capture on the loaded model, the cache's
+    description and its folder."""
+
+    data: LabelledDataset
+    capture: HeadCapture
+    spec: CacheSpec
+    out: Path
+    max_length: int | None
+
+
+def prepare(arguments: dict, device: str) -> Prepared:
+    """Load the dataset and the model (on ``device``) named by the cache command's ``arguments``."""
+    a = arguments
+    config = DatasetConfig(a["dataset"], a["text_field"], a["label_field"], a["mark_field"], a["group_field"],
+                           a["label_kind"], a["split"], a["limit"])
+    data = load_dataset(config)
+    if a["positions"] == "marked" and data.marks is None:
+        raise HeadlabError(f"--positions marked needs marked tokens, but dataset {a['dataset']} has no "
+                           f"'{a['mark_field']}' field")
+    loaded = load_model(a["model"], dtype=a["model_dtype"], device=device,
+                        placement=Placement(a["device_map"], a["max_memory"], a["offload_folder"]))
+    effective_max = _max_length(loaded, a["max_length"])
+    store = torch.float16 if a["dtype"] == "float16" else torch.float32
+    capture = HeadCapture(loaded.model, loaded.tokenizer, positions=a["positions"], layers=a["layers"],
+                          max_length=effective_max, store_dtype=store)
+    spec = describe(loaded, capture, data, config, a["dtype"], a["model_dtype"], effective_max)
+    out = a["out"]
+    if out is None:
+        out = Path("runs/cache") / (f"{_slug(a['model'])}-{_slug(a['dataset'])}-{a['positions']}-"
+                                    f"{cache_key(spec.identity())[:10]}")
+    return Prepared(data, capture, spec, Path(out), effective_max)
 
 
 def _capture_rest(capture: HeadCapture, data, writer: CacheWriter, dtype: str, shard_mb: float, batch_size: int,
                   effective_max: int | None) -> HeadCache:
     """Capture the examples the writer does not hold yet, in shards of about ``shard_mb``, and finish the cache."""
+    write_shards(capture, data, writer, shard_rows(capture, dtype, shard_mb), batch_size)
+    return finish(writer, data, capture.truncated, effective_max)
+
+
+def shard_rows(capture: HeadCapture, dtype: str, shard_mb: float) -> int:
+    """Rows per shard of about ``shard_mb`` MiB."""
     row_bytes = len(capture.layers) * capture.n_heads * capture.d_head * (2 if dtype == "float16" else 4)
-    write_shards(capture, data, writer, max(1, int(shard_mb * 2**20 / row_bytes)), batch_size)
-    if capture.truncated:
+    return max(1, int(shard_mb * 2**20 / row_bytes))
+
+
+def finish(writer: CacheWriter, data: LabelledDataset, truncated: int, effective_max: int | None) -> HeadCache:
+    """Write the labels and mark the cache complete, saying how many examples were truncated."""
+    if truncated:
         log.warning("%d examples were longer than %d tokens and were truncated to their first %d",
-                    capture.truncated, effective_max, effective_max)
+                    truncated, effective_max, effective_max)
     extra = {"group": data.groups} if data.groups is not None else None
-    return writer.finish(data.labels, extra, truncated_examples=capture.truncated)
+    return writer.finish(data.labels, extra, truncated_examples=truncated)
 
 
 def _max_length(loaded, max_length: int | None) -> int | None:
@@ -221,7 +277,7 @@ def _check_numbers(batch_size: int, max_length: int | None, shard_mb: float, lay
     require(layers is None or len(layers) > 0, "--layers [] selects no layer; pass layer indices or leave it unset")
 
 
-def _describe(c: HeadCache) -> str:
+def describe_cache(c: HeadCache) -> str:
     m = c.manifest
     size = c.activations.nbytes / 2**20
     return (f"{c.rows} rows x {len(c.layers)} layers x {c.n_heads} heads x {c.d_head} d_head ({m['dtype']}, "

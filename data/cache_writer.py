@@ -7,6 +7,7 @@ rewritten (atomically) after every shard, so a killed run resumes from its last 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -20,10 +21,32 @@ from headlab.errors import HeadlabError
 from headlab.runs import LOCK_NAME, RUN_MARKER, atomic_write, atomic_write_json
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
+def save_npy(path: Path, array: np.ndarray) -> None:
     """Write ``array`` as .npy atomically, streaming it to disk without an in-memory copy."""
     atomic_write(path, lambda handle: np.lib.format.write_array(handle, np.ascontiguousarray(array),
                                                                   allow_pickle=False))
+
+
+PARTS = "parts"
+"""Subfolder of the part manifests of a data-parallel run (see :mod:`data.cache_parts`)."""
+
+
+def part_manifest(file: Path) -> dict[str, Any]:
+    """One rank's part manifest (see :mod:`data.cache_parts`)."""
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as error:
+        raise HeadlabError(f"cannot read the part manifest {file} ({error}); delete {file.parent} and the "
+                           "shards/p* files, then run the cache command again") from error
+
+
+def _part_shards(path: Path, key: str) -> set[str]:
+    """Shard files listed by the part manifests of cache ``key`` (kept when the writer tidies up)."""
+    folder = path / PARTS
+    if not folder.is_dir():
+        return set()
+    return {s["file"] for f in folder.glob("*.json") if (m := part_manifest(f)).get("key") == key
+            for s in m["shards"]}
 
 
 class CacheWriter:
@@ -34,7 +57,7 @@ class CacheWriter:
     are written by :meth:`finish`, after :meth:`add_shard` has been called once per shard, in order.
     """
 
-    LAYOUT = ("shards", "labels", "rows")
+    LAYOUT = ("shards", "labels", "rows", "parts")
     """The cache's own subfolders (where a killed writer's temporary files may lie)."""
 
     def __init__(self, path: str | Path, identity: Mapping[str, Any], header: Mapping[str, Any]):
@@ -76,7 +99,7 @@ class CacheWriter:
         return shards[-1]["end_example"] if shards else 0
 
     def _drop_unlisted_shards(self) -> None:
-        listed = {s["file"] for s in self.manifest["shards"]}
+        listed = {s["file"] for s in self.manifest["shards"]} | _part_shards(self.path, self.key)
         shard_dir = self.path / "shards"
         if shard_dir.exists():
             for file in shard_dir.iterdir():
@@ -104,9 +127,9 @@ class CacheWriter:
         if index == 0:
             self._mark()
         name = f"shards/{index:05d}.npy"
-        _save_npy(self.path / f"shards/{index:05d}.rows.npy", np.stack([example, token], 1).astype(np.int64))
+        save_npy(self.path / f"shards/{index:05d}.rows.npy", np.stack([example, token], 1).astype(np.int64))
         digest = sha256_of_array(activations)
-        _save_npy(self.path / name, activations)
+        save_npy(self.path / name, activations)
         self.manifest["shards"].append({
             "file": name,
             "rows": int(activations.shape[0]),
@@ -114,6 +137,22 @@ class CacheWriter:
             "end_example": int(end_example),
             "sha256": digest,
         })
+        self.manifest["rows"] = int(sum(s["rows"] for s in self.manifest["shards"]))
+        atomic_write_json(self.path / MANIFEST, self.manifest)
+
+    def save(self) -> None:
+        """Write the manifest as it stands (a data-parallel run does so before its ranks write their parts, so
+        the folder is known as this cache's from the start)."""
+        atomic_write_json(self.path / MANIFEST, self.manifest)
+
+    def append_listed(self, shards: list[dict[str, Any]]) -> None:
+        """List shards already on disk (the parts of a data-parallel run, in example order) after this
+        manifest's own, in one atomic manifest write."""
+        for shard in shards:
+            if shard["start_example"] != self.examples_done:
+                raise HeadlabError(f"shard {shard['file']} starts at example {shard['start_example']}, not at "
+                                   f"{self.examples_done}; delete {self.path} and run the cache command again")
+            self.manifest["shards"].append(dict(shard))
         self.manifest["rows"] = int(sum(s["rows"] for s in self.manifest["shards"]))
         atomic_write_json(self.path / MANIFEST, self.manifest)
 
@@ -127,9 +166,9 @@ class CacheWriter:
         rows = np.concatenate(meta) if meta else np.empty((0, 2), np.int64)
         example, token = rows[:, 0], rows[:, 1]
         for name, values in {**labels, **(extra or {})}.items():
-            _save_npy(self.path / "labels" / f"{name}.npy", np.asarray(values)[example])
-        _save_npy(self.path / "rows" / "example.npy", example)
-        _save_npy(self.path / "rows" / "token.npy", token)
+            save_npy(self.path / "labels" / f"{name}.npy", np.asarray(values)[example])
+        save_npy(self.path / "rows" / "example.npy", example)
+        save_npy(self.path / "rows" / "token.npy", token)
         self.manifest["extra_columns"] = list(extra or {})
         self.manifest.update(fields)
         self.manifest["complete"] = True

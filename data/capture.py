@@ -187,8 +187,10 @@ class HeadCapture:
         return CapturedBatch(stacked.cpu().numpy(), example.astype(np.int64), np.asarray(token, dtype=np.int64))
 
     def iterate(self, texts: Sequence[str], marks: Sequence[Sequence[int]] | None = None, *,
-                batch_size: int = 32, start: int = 0) -> Iterator[tuple[int, CapturedBatch]]:
-        """Yield ``(end_example, batch)`` for examples ``start..len(texts)``."""
-        for lo in range(start, len(texts), batch_size):
-            hi = min(lo + batch_size, len(texts))
+                batch_size: int = 32, start: int = 0, stop: int | None = None
+                ) -> Iterator[tuple[int, CapturedBatch]]:
+        """Yield ``(end_example, batch)`` for examples ``start..stop`` (default: to the end of ``texts``)."""
+        stop = len(texts) if stop is None else stop
+        for lo in range(start, stop, batch_size):
+            hi = min(lo + batch_size, stop)
             yield hi, self.run(texts[lo:hi], None if marks is None else marks[lo:hi], first_example=lo)

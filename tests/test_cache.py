@@ -112,8 +112,9 @@ def test_interrupted_run_resumes_from_the_last_complete_shard(tiny_gpt2, jsonl, 
         HeadCache.open(tmp_path / "c")
     monkeypatch.setattr(HeadCapture, "run", original)
     resumed_from = []
-    monkeypatch.setattr(HeadCapture, "iterate", lambda self, texts, marks, batch_size, start: (
-        resumed_from.append(start) or original_iterate(self, texts, marks, batch_size=batch_size, start=start)))
+    monkeypatch.setattr(HeadCapture, "iterate", lambda self, texts, marks, batch_size, start, stop: (
+        resumed_from.append(start) or original_iterate(self, texts, marks, batch_size=batch_size, start=start,
+                                                       stop=stop)))
     assert run_cache(tiny_gpt2, jsonl, tmp_path / "c", "--batch_size", "4", "--shard_mb", "0.0001") == 0
     assert resumed_from == [12]
     np.testing.assert_array_equal(np.asarray(HeadCache.open(tmp_path / "c").activations),
