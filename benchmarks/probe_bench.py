@@ -16,7 +16,13 @@ machines is 10-15x faster than numpy's default threading for problems this small
 timed too, on a 64-head sample at the 7B shape, and only reported). The speedup is against the fastest full loop
 measured. Both use the same split and the same objective (l2 = 1 / (C n_train)).
 
-Last line: ``probe_bench speedup=<float> mean_abs_acc_diff=<float> top10_overlap=<int>`` (7B shape).
+The physical limit: the solver must read every head's training rows once and form their Gram matrices
+(``2 N d^2`` flops per head). That pass is timed alone, in the same run, with the solver's own kernels, threads
+and device (``--probe.device auto``: CUDA when present); ``gram_ratio`` is the solver's fit time over it (1.0 would
+be a solver costing nothing beyond its first pass over the data).
+
+Last line: ``probe_bench speedup=<float> mean_abs_acc_diff=<float> top10_overlap=<int> gram_ratio=<float>``
+(7B shape).
 Run: ``python benchmarks/probe_bench.py [--quick]`` (``--quick`` skips the 7B shape's sklearn loop and uses its
 first 4 layers only).
 """
@@ -95,6 +101,28 @@ def sklearn_loop(cache_dir: Path, split: SplitConfig, one_thread: bool, max_head
     return seconds, val_acc, test_acc
 
 
+def gram_pass(cache_dir: Path, split: SplitConfig, block: int = 8) -> float:
+    """Seconds of one pass over the cache forming every head's training-row Gram matrix, as the solver does it
+    (blocks of heads read from the memmap, one block per worker thread, on the solver's device)."""
+    import torch
+
+    from probes.newton import gram_matrices, run_blocks, solver_device
+
+    cache = HeadCache.open(cache_dir)
+    problem = build_problem(cache, ProbeConfig(), split, ControlConfig(control_task=False))
+    hm = HeadMajor(cache.activations, problem.parts, block)
+    lo, hi = hm.bounds[0]
+    device = solver_device("auto")
+
+    def one(h0: int) -> None:
+        x = torch.from_numpy(hm.block(h0, min(h0 + block, hm.n_heads))).to(device)
+        gram_matrices(x[:, lo:hi])
+
+    start = time.perf_counter()
+    run_blocks(one, range(0, hm.n_heads, block), None)
+    return time.perf_counter() - start
+
+
 def run_headlab(cache_dir: Path, out: Path, split: SplitConfig, n_train: int):
     import pandas as pd
 
@@ -116,11 +144,14 @@ def bench_shape(name: str, rows: int, layers: int, heads: int, d_head: int, root
     timings = json.loads((out / "summary.json").read_text())["timings"]
     print(f"[{name}] headlab probe end to end: {seconds:.2f} s ({layers * heads} heads, task + control fits; "
           + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()) + ")")
+    gram = min(gram_pass(cache_dir, split) for _ in range(2))
+    gram_ratio = timings["fit"] / gram
+    print(f"[{name}] one Gram pass over the training rows: {gram:.2f} s; the fit took {gram_ratio:.2f}x that")
     found = frame.sort_values("rank").head(10)
     hits = len({(int(a), int(b)) for a, b in zip(found["layer"], found["head"])} & set(planted[-10:]))
     print(f"[{name}] planted heads in headlab's top 10: {hits}/10 (of the 10 strongest planted)")
     if not with_sklearn:
-        return seconds, None
+        return seconds, None, gram_ratio
     one = sklearn_loop(cache_dir, split, one_thread=True)
     print(f"[{name}] sklearn loop (1 BLAS thread): {one[0]:.2f} s")
     total = layers * heads
@@ -140,7 +171,7 @@ def bench_shape(name: str, rows: int, layers: int, heads: int, d_head: int, root
     speedup = sk_seconds / seconds
     print(f"[{name}] speedup {speedup:.2f}x against the fastest full sklearn loop ({sk_seconds:.2f} s); "
           f"mean abs test-accuracy difference {diff:.4f}; top-10 overlap {overlap}/10")
-    return seconds, (speedup, diff, overlap)
+    return seconds, (speedup, diff, overlap), gram_ratio
 
 
 def main() -> None:
@@ -150,12 +181,13 @@ def main() -> None:
     args = parser.parse_args()
     root = args.dir or Path(tempfile.mkdtemp(prefix="probe_bench_"))
     try:
-        small, _ = bench_shape("gpt2-small", 4000, 12, 12, 64, root, with_sklearn=True)
+        small, _, _ = bench_shape("gpt2-small", 4000, 12, 12, 64, root, with_sklearn=True)
         print(f"[gpt2-small] goal < 2 s: {'met' if small < 2 else 'missed'} ({small:.2f} s)")
         layers = 4 if args.quick else 32
-        _, result = bench_shape("llama-7b", 6000, layers, 32, 128, root, with_sklearn=True)
+        _, result, gram_ratio = bench_shape("llama-7b", 6000, layers, 32, 128, root, with_sklearn=True)
         speedup, diff, overlap = result
-        print(f"probe_bench speedup={speedup:.2f} mean_abs_acc_diff={diff:.4f} top10_overlap={overlap}")
+        print(f"probe_bench speedup={speedup:.2f} mean_abs_acc_diff={diff:.4f} top10_overlap={overlap} "
+              f"gram_ratio={gram_ratio:.2f}")
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)

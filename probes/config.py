@@ -59,6 +59,10 @@ class ProbeConfig:
     """Maximum Newton iterations per head block (newton solver)."""
     tol: float = 1e-4
     """Newton stops when every head's largest gradient entry is below this (scikit-learn's lbfgs default)."""
+    device: str = "auto"
+    """Where the newton solver's passes over the data run: ``auto`` (the first CUDA device when present, else the
+    CPU), ``cpu``, ``cuda`` or ``cuda:N``. Head blocks stream from the cache, so device memory holds one block per
+    worker, never the whole cache."""
 
     def __post_init__(self) -> None:
         at_least("probe.l2", self.l2, 0)

@@ -55,10 +55,14 @@ class HeadFits:
     degenerate: np.ndarray | None = None  # [heads]: near-constant dimensions (see standardisation_scale)
 
 
+CPU = torch.device("cpu")
+
+
 class _Block:
     """One block of heads with its data in float32 and its per-part sufficient statistics."""
 
-    def __init__(self, x: np.ndarray, bounds: list[tuple[int, int]], gram_parts: set[int], sqrt_w: np.ndarray | None):
+    def __init__(self, x: np.ndarray, bounds: list[tuple[int, int]], gram_parts: set[int], sqrt_w: np.ndarray | None,
+                 device: torch.device = CPU):
         self.raw = x  # [block, rows, d_head] float32, rows sorted by part
         self.fit_rows = max(bounds[p][1] for p in gram_parts)
         if any(p not in gram_parts for p, (lo, _) in enumerate(bounds) if lo < self.fit_rows):
@@ -69,34 +73,73 @@ class _Block:
         # mean mean^T, whose rounding error exceeds the small L2 penalty: the bound-optimisation matrix stops
         # bounding the Hessian and Newton diverges to inf.
         self.shift = x[:, :self.fit_rows].astype(np.float64).mean(1)  # [block, d]
-        x = x - self.shift[:, None, :].astype(np.float32)
-        self.x = x  # [block, rows, d_head] float32, centred
+        shift = torch.from_numpy(self.shift.astype(np.float32)).to(device)
+        # [block, rows, d_head] float32, centred, on the solver's device (a new tensor: x is a reused buffer)
+        self.x = torch.from_numpy(x).to(device) - shift[:, None, :]
         self.sum = {}  # part -> [block, d]: column sums (unweighted)
         self.sum_sq = {}  # part -> [block, d]
         self.gram = {}  # part -> [block, d+1, d+1] float64: (class-weighted) Gram of [X, 1]
-        b_, _, d = x.shape
+        b_, _, d = self.x.shape
         for p in sorted(gram_parts):
             lo, hi = bounds[p]
-            xp = x[:, lo:hi]  # [block, part_rows, d]
-            ones = np.ones((1, hi - lo), np.float32)
-            self.sum[p] = np.matmul(ones, xp)[:, 0].astype(np.float64)  # a BLAS pass beats numpy's strided sum
+            xp = self.x[:, lo:hi]  # [block, part_rows, d]
+            self.sum[p] = _host(xp.sum(1))
             g = np.empty((b_, d + 1, d + 1))
             if sqrt_w is None:
-                for b in range(b_):
-                    g[b, :d, :d] = xp[b].T @ xp[b]  # syrk: [d, d]
+                g[:, :d, :d] = gram_matrices(xp)  # per-head X^T X: [block, d, d]
                 self.sum_sq[p] = np.diagonal(g[:, :d, :d], axis1=1, axis2=2).copy()
                 g[:, :d, d] = self.sum[p]
                 g[:, d, d] = hi - lo
             else:
-                ws = sqrt_w[lo:hi, None].astype(np.float32)
-                for b in range(b_):
-                    a = xp[b] * ws
-                    g[b, :d, :d] = a.T @ a
-                self.sum_sq[p] = (xp.astype(np.float64) ** 2).sum(1)
-                g[:, :d, d] = np.matmul((ws[:, 0] ** 2)[None, :], xp)[:, 0]
+                ws = torch.from_numpy(sqrt_w[lo:hi].astype(np.float32)).to(device)  # [part_rows]
+                g[:, :d, :d] = gram_matrices(xp * ws[None, :, None])
+                self.sum_sq[p] = _host((xp.double() ** 2).sum(1))
+                g[:, :d, d] = _host(torch.matmul(ws**2, xp))  # [block, d]
                 g[:, d, d] = float((sqrt_w[lo:hi] ** 2).sum())
             g[:, d, :d] = g[:, :d, d]
             self.gram[p] = g
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """A device tensor as a float64 numpy array (the small per-head statistics the solver keeps on the host)."""
+    return t.detach().to(CPU, torch.float64).numpy()
+
+
+def _numpy_path(t: torch.Tensor) -> bool:
+    """Whether ``t``'s products go through numpy (CPU tensors) rather than torch (any other device)."""
+    return t.device.type == "cpu"
+
+
+def gram_matrices(x: torch.Tensor) -> np.ndarray:
+    """Per-head ``X^T X`` of ``x [block, rows, d]`` as float64 ``[block, d, d]``: on the CPU numpy's ``a.T @ a``,
+    which BLAS computes as a symmetric rank-k update (half the flops of torch's general ``bmm``); elsewhere ``bmm``."""
+    if _numpy_path(x):
+        a = x.numpy()
+        return np.stack([a[b].T @ a[b] for b in range(a.shape[0])]).astype(np.float64)
+    return _host(torch.bmm(x.transpose(1, 2), x))
+
+
+def _bmm(data: torch.Tensor, small: np.ndarray) -> np.ndarray:
+    """``data [B, n, m] @ small [B, m, c]`` as float32 numpy. On the CPU through numpy (BLAS reads a transposed
+    ``data`` view in place; torch's bmm copies it first); elsewhere on ``data``'s device, ``small`` sent there."""
+    small = small.astype(np.float32)
+    if _numpy_path(data):
+        return np.matmul(data.numpy(), small)
+    return torch.bmm(data, torch.from_numpy(np.ascontiguousarray(small)).to(data.device)).cpu().numpy()
+
+
+def solver_device(name: str) -> torch.device:
+    """``auto``: the first CUDA device when present, else the CPU; otherwise the device named."""
+    if name == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else CPU
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise HeadlabError(f"--probe.device {name!r} is not a device ({error}); use auto, cpu, cuda or cuda:N") \
+            from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HeadlabError(f"--probe.device {name} asks for CUDA, which this machine does not have; use auto or cpu")
+    return device
 
 
 def run_blocks(fn: Callable[[int], None], starts: Iterable[int], workers: int | None) -> None:
@@ -130,6 +173,7 @@ def fit_newton(hm: HeadMajor, problem: ProbeProblem, probe: ProbeConfig, layers:
     if probe.l1 > 0:
         raise HeadlabError("the newton solver handles L2 only; use --probe.solver adam for --probe.l1 > 0")
     kind = problem.kind
+    device = solver_device(probe.device)
     n_heads_total, n_rows, d = hm.n_heads, hm.rows, hm.d_head
     fits = problem.fits
     n_fits, k = len(fits), problem.outputs
@@ -162,7 +206,7 @@ def fit_newton(hm: HeadMajor, problem: ProbeProblem, probe: ProbeConfig, layers:
 
     def solve(h0: int) -> None:
         h1 = min(h0 + hm.block_size, n_heads_total)
-        blk = _Block(hm.block(h0, h1), hm.bounds, gram_parts, sqrt_w)
+        blk = _Block(hm.block(h0, h1), hm.bounds, gram_parts, sqrt_w, device)
         check_finite(sum(blk.gram.values()), layers, n_heads, h0)  # NaN/inf in training rows
         u, z, its, ok, flat = _solve_block(blk, fits, kind, curv, probe, row_w, targets, n_train, k)
         check_finite(z.transpose(0, 2, 1, 3), layers, n_heads, h0)  # ... and in the rows only scored
@@ -259,17 +303,18 @@ def _solve_block(blk: _Block, fits, kind: str, curv: float, probe: ProbeConfig, 
     penalty, unit, h_inv, degenerate = _penalties_and_bounds(blk, fits, curv, probe, n_train)
     # rows any fit trains on: parts are sorted and every part before the last trained one is trained on
     fit_rows = blk.fit_rows
-    xf = x[:, :fit_rows]  # [B, R, d]
-    xt = xf.transpose(0, 2, 1)  # [B, d, R] (a view: BLAS reads it transposed)
+    xf = x[:, :fit_rows]  # [B, R, d] on the solver's device
+    xt = xf.transpose(1, 2)  # [B, d, R] (a view: BLAS reads it transposed)
     targets, row_w = targets[:fit_rows], row_w[:fit_rows]
 
+    # the two data passes run on the device; the small per-head vectors and matrices stay on the host
     def backward(r: np.ndarray) -> np.ndarray:  # r [B, R, F, k] -> X~^T r: [B, F, d+1, k]
-        gw = np.matmul(xt, r.reshape(b_, fit_rows, n_fits * k).astype(np.float32)).reshape(b_, d, n_fits, k)
+        gw = _bmm(xt, r.reshape(b_, fit_rows, n_fits * k)).reshape(b_, d, n_fits, k)
         return np.concatenate([gw.transpose(0, 2, 1, 3), r.sum(1)[:, :, None]], 2).astype(np.float64)
 
-    def forward(v: np.ndarray, data: np.ndarray) -> np.ndarray:  # v [B, F, d+1, k] -> X~ v: [B, rows, F, k]
-        w = v[:, :, :d].transpose(0, 2, 1, 3).reshape(b_, d, n_fits * k).astype(np.float32)
-        return np.matmul(data, w).reshape(b_, data.shape[1], n_fits, k) + v[:, None, :, d].astype(np.float32)
+    def forward(v: np.ndarray, data: torch.Tensor) -> np.ndarray:  # v [B, F, d+1, k] -> X~ v: [B, rows, F, k]
+        w = v[:, :, :d].transpose(0, 2, 1, 3).reshape(b_, d, n_fits * k)
+        return _bmm(data, w).reshape(b_, data.shape[1], n_fits, k) + v[:, None, :, d].astype(np.float32)
 
     u = np.zeros((b_, n_fits, d + 1, k))
     z = np.zeros((b_, fit_rows, n_fits, k), np.float32)
@@ -305,8 +350,8 @@ def _solve_block(blk: _Block, fits, kind: str, curv: float, probe: ProbeConfig, 
     # exact steps are binary-only; a multiclass head unconverged after max_iter bound steps stays unconverged
     # (reported in the summary's not_converged), never handed to the binary solver
     for b, f in zip(*np.nonzero(active if kind == "binary" else np.zeros_like(active))):
-        steps, converged = _exact_newton(xf[b], u[b, f], z[b, :, f], targets[:, f], row_w[:, f], penalty[b, f],
-                                         probe.tol, budget, unit[b, f])
+        steps, converged = _exact_newton(xf[b].cpu().numpy(), u[b, f], z[b, :, f], targets[:, f], row_w[:, f],
+                                         penalty[b, f], probe.tol, budget, unit[b, f])
         active[b, f] = not converged
         exact_steps = max(exact_steps, steps)
     iteration += exact_steps
