@@ -59,7 +59,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bare_forward(model, tokenizer, texts: list[str], batch_size: int) -> float:
+def bare_forward(model, tokenizer, texts: list[str], batch_size: int, device: str = "cpu") -> float:
     import torch
 
     from data.capture import forward_inputs, tokenize_batch
@@ -68,11 +68,14 @@ def bare_forward(model, tokenizer, texts: list[str], batch_size: int) -> float:
     with torch.inference_mode():
         for lo in range(0, len(texts), batch_size):
             batch = tokenize_batch(tokenizer, texts[lo : lo + batch_size], 1024)
-            model(**forward_inputs(model, batch, torch.device("cpu")))
+            model(**forward_inputs(model, batch, torch.device(device)))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def throughput(model_dir: Path, data: Path, work: Path, batch_size: int, shard_mb: float, repeats: int):
+def throughput(model_dir: Path, data: Path, work: Path, batch_size: int, shard_mb: float, repeats: int,
+               device: str = "cpu"):
     import shutil
 
     import transformers
@@ -80,16 +83,16 @@ def throughput(model_dir: Path, data: Path, work: Path, batch_size: int, shard_m
     from data.cache_command import cache
     from data.datasets import load_dataset
 
-    model = transformers.AutoModel.from_pretrained(model_dir).eval()
+    model = transformers.AutoModel.from_pretrained(model_dir).eval().to(device)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     texts = load_dataset(str(data)).texts
     bare, full = [], []
     for i in range(repeats):
-        bare.append(bare_forward(model, tokenizer, texts, batch_size))
+        bare.append(bare_forward(model, tokenizer, texts, batch_size, device))
         out = work / f"throughput-{i}"
         start = time.perf_counter()
         cache(model=str(model_dir), dataset=str(data), out=out, positions="all", batch_size=batch_size,
-              device="cpu", shard_mb=shard_mb)
+              device=device, shard_mb=shard_mb)
         full.append(time.perf_counter() - start)
         shutil.rmtree(out)
         print(f"  repeat {i}: bare forward {bare[-1]:6.1f} s, cache end to end {full[-1]:6.1f} s", flush=True)
@@ -123,6 +126,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--shard_mb", type=float, default=8.0)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="where both arms run: cpu, cuda, cuda:N")
     parser.add_argument("--child", nargs="+")
     args = parser.parse_args()
     if args.child:
@@ -141,7 +145,7 @@ def main() -> None:
                   f"peak RSS {results[n]['rss_mib']:7.1f} MiB", flush=True)
         print(f"throughput on {sizes[-1]} examples ({results[sizes[-1]]['rows']} rows):", flush=True)
         bare, full = throughput(model_dir, work / f"data-{sizes[-1]}.jsonl", work, args.batch_size, args.shard_mb,
-                                args.repeats)
+                                args.repeats, args.device)
     ratio = bare / full
     growth = results[sizes[-1]]["rss_mib"] / results[sizes[0]]["rss_mib"]
     print(f"cache_bench throughput_ratio={ratio:.3f} rss_growth={growth:.3f}")
