@@ -62,6 +62,7 @@ class LoadedModel:
     tokenizer: object | None
     model_id: str  # what the user asked for
     source: str  # where it was loaded from (local path or hub id)
+    placement: Placement | None = None  # how it was spread over devices (None: on one device)
 
     @property
     def kind(self) -> Literal["encoder", "causal_lm"]:
@@ -257,7 +258,7 @@ def load_model(
         print(describe_placement(model), flush=True)
     else:
         model.eval().to(target)
-    return LoadedModel(model, tokenizer, spec, source)
+    return LoadedModel(model, tokenizer, spec, source, placement if dispatched else None)
 
 
 def input_device(model: nn.Module) -> torch.device:

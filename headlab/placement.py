@@ -93,6 +93,28 @@ def real_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
         return getattr(module, name).detach().clone()
 
 
+def materialized(module: nn.Module) -> nn.Module:
+    """``module`` with real weights for reading outside the forward pass (OV circuits, attribution): the module
+    itself when nothing of it is offloaded, else a copy on the CPU holding the real weights, without accelerate's
+    hooks (one layer's attention or norm at a time: the offload stays the only full copy)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    if not any(t.device.type == "meta" for t in tensors):
+        return module
+    import copy
+
+    from accelerate.hooks import remove_hook_from_module
+
+    twin = remove_hook_from_module(copy.deepcopy(module), recurse=True)
+    for name, original in module.named_modules():
+        target = twin.get_submodule(name) if name else twin
+        with module_weights(original):
+            for key, value in list(original.named_parameters(recurse=False)):
+                setattr(target, key, nn.Parameter(value.detach().to("cpu", copy=True), requires_grad=False))
+            for key, value in list(original.named_buffers(recurse=False)):
+                setattr(target, key, value.detach().to("cpu", copy=True))
+    return twin
+
+
 @contextlib.contextmanager
 def module_weights(module: nn.Module) -> Iterator[nn.Module]:
     """``module`` with real weights inside the block: an offloaded module's ``meta`` weights are loaded for the

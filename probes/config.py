@@ -165,8 +165,18 @@ class SteerConfig:
     """Model to steer (default: the cache's model id)."""
     device: str = "cpu"
     """Device for the steering forward passes."""
+    device_map: str | None = None
+    """Spread the steered model over GPUs, CPU and disk with accelerate (auto, balanced, balanced_low_0,
+    sequential) instead of --steer.device; the steering hooks see each layer's values wherever it lives."""
+    max_memory: dict[str, str] | None = None
+    """Per-device memory for --steer.device_map, e.g. '{"0": "70GiB", "cpu": "200GiB"}'; the rest: disk."""
+    offload_folder: str | None = None
+    """Folder for the weights --steer.device_map offloads to disk."""
 
     def __post_init__(self) -> None:
+        from headlab.placement import Placement
+
+        Placement(self.device_map, self.max_memory, self.offload_folder)  # checked before anything runs
         at_least("steer.top_k", self.top_k, 1, optional=True)
         require(0 < self.significance < 1, f"--steer.significance {self.significance} must lie in (0, 1)")
         need = draws_for(self.significance)

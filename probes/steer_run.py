@@ -25,6 +25,7 @@ def steer_top_heads(cache: HeadCache, problem: ProbeProblem, frame: pd.DataFrame
     from data.capture import forward_inputs, tokenize_batch
     from data.datasets import DatasetConfig, load_dataset
     from headlab.models import input_device, load_model
+    from headlab.placement import Placement
 
     if problem.kind != "binary" and steer.continuations is None:
         raise HeadlabError("the steering check without --steer.continuations needs a binary label")
@@ -33,7 +34,8 @@ def steer_top_heads(cache: HeadCache, problem: ProbeProblem, frame: pd.DataFrame
     examples = np.unique(cache.example_index[problem.parts == problem.test_part])[: steer.max_prompts]
     texts = [dataset.texts[i] for i in examples]
     model_id = steer.model or manifest["model"]["id"]
-    loaded = load_model(model_id, device=steer.device, head="causal_lm" if steer.continuations else "base")
+    loaded = load_model(model_id, device=steer.device, head="causal_lm" if steer.continuations else "base",
+                        placement=Placement(steer.device_map, steer.max_memory, steer.offload_folder))
     batch = tokenize_batch(loaded.tokenizer, texts, None)
     device = input_device(loaded.model)
     inputs = forward_inputs(loaded.model, batch, device)

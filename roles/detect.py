@@ -18,6 +18,7 @@ from torch import nn
 from data.tasks import Task, make_task
 from headlab.errors import HeadlabError
 from headlab.models import load_model
+from headlab.placement import Placement
 from headlab.runs import atomic_write_json, run_directory, save_config, to_plain
 from roles.mapping import Batches, DetectConfig, TargetSummary, map_heads, write_map
 from roles.real import REAL_TASKS, map_real_model
@@ -57,6 +58,9 @@ def detect(
     length: int = 64,
     revision: str | None = None,
     seed: int = 0,
+    device_map: str | None = None,
+    max_memory: dict[str, str] | None = None,
+    offload_folder: Path | None = None,
 ) -> Path:
     """Map every head of a saved toy model or a Hugging Face model: detectors, controls, verdicts, the causal check.
 
@@ -71,19 +75,25 @@ def detect(
         length: tokens per sequence of a Hugging Face model's repeated-segment batch (capped by its context).
         revision: hub revision (branch, tag or commit) of a hub model.
         seed: seed of the detection and evaluation batches and of the null initialisations.
+        device_map: spread a Hugging Face model over GPUs, CPU and disk with accelerate (auto, balanced,
+            balanced_low_0, sequential) and print where each part went; default: the whole model on one device.
+        max_memory: per-device memory for --device_map, e.g. '{"0": "70GiB", "cpu": "200GiB"}'; the rest: disk.
+        offload_folder: folder for the weights --device_map offloads to disk.
 
     Returns:
         The output directory (roles.csv, ablations.csv, metrics.json, role_map.png, config.yaml).
     """
     started = time.perf_counter()
-    loaded = load_model(model, head="auto", attn_implementation="eager", revision=revision, need_tokenizer=False)
+    loaded = load_model(model, head="auto", attn_implementation="eager", revision=revision, need_tokenizer=False,
+                        placement=Placement(device_map, max_memory, offload_folder))
     toy = loaded.model.config.model_type == "headlab_toy"
     the_task = _task_for(loaded.model, task, task_options) if toy else None
     if out is None:
         out = Path("runs/detect") / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', str(model)).strip('_')}-{task}"
     out = Path(out)
     config = {"model": model, "task": task, "task_options": to_plain(task_options or {}), "out": str(out),
-              "detection": detection, "length": length, "revision": revision, "seed": seed}
+              "detection": detection, "length": length, "revision": revision, "seed": seed,
+              "device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
     if toy:
         batches = Batches(the_task.detection_batch(detection.batch_size, seed + 1),
                           the_task.batch(detection.eval_size(toy=True), seed + 2, the_task.eval_split),

@@ -30,6 +30,7 @@ from data.tasks import IGNORE, Batch
 from headlab.errors import HeadlabError
 from headlab.heads import head_sites, hook_heads, output_weights
 from headlab.models import input_device
+from headlab.placement import real_tensor
 from roles.batches import text_frame
 from roles.evidence import Evidence, masked_attention
 from roles.patterns import patterns_of
@@ -127,7 +128,7 @@ def logit_shares(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Te
     finally:
         handle.remove()
     x = final[0]  # [B, d_model], the residual stream entering the final norm
-    w_u = model.get_output_embeddings().weight.float()  # [V, d_model]
+    w_u = real_tensor(model.get_output_embeddings(), "weight").float()  # [V, d_model]
     weight = getattr(norm, "weight", None)
     gain = weight.float() if weight is not None else torch.ones(x.shape[-1])
     centred = isinstance(norm, nn.LayerNorm)  # LayerNorm centres; RMSNorm (Llama, Qwen) only rescales

@@ -22,6 +22,7 @@ from data.tasks import Batch
 from headlab.errors import HeadlabError
 from headlab.heads import head_sites, output_weights
 from headlab.models import input_device
+from headlab.placement import materialized, real_tensor
 from roles.evidence import Evidence, indicator_evidence
 from roles.registry import register
 
@@ -95,13 +96,14 @@ def ov_circuit(model: nn.Module, layer: int) -> OVCircuit:
     if unembed is None:
         raise OVUnavailable(f"{type(model).__name__} has no unembedding (an encoder): there is no OV map to logits")
     site = head_sites(model)[layer]
-    attention = _attention_module(model, site.name)
-    w_v = _value_weights(attention, site.n_heads, site.d_head).float()
+    holder = _attention_module(model, site.name)
+    w_v = _value_weights(materialized(holder), site.n_heads, site.d_head).float()
     w_o, _ = output_weights(site)
-    block = _parent(model, site.name, 3 if attention is not _parent(model, site.name, 1) else 2)
+    block = _parent(model, site.name, 3 if holder is not _parent(model, site.name, 1) else 2)
     norm = next((getattr(block, n) for n in ("ln1", "ln_1", "input_layernorm") if hasattr(block, n)), None)
-    embed = model.get_input_embeddings().weight
-    return OVCircuit(norm, w_v, w_o.float(), unembed.weight.float().T, embed)
+    embed = real_tensor(model.get_input_embeddings(), "weight")
+    return OVCircuit(None if norm is None else materialized(norm), w_v, w_o.float(),
+                     real_tensor(unembed, "weight").float().T, embed)
 
 
 @torch.no_grad()
@@ -126,7 +128,7 @@ def mlp0_embeddings(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     site = head_sites(model)[0]
     attention = _attention_module(model, site.name)
     block = _parent(model, site.name, 3 if attention is not _parent(model, site.name, 1) else 2)
-    embed = model.get_input_embeddings().weight[tokens].detach()
+    embed = real_tensor(model.get_input_embeddings(), "weight")[tokens].detach()
     mlp = getattr(block, "mlp", None)
     norm = next((getattr(block, n) for n in ("ln2", "ln_2", "post_attention_layernorm") if hasattr(block, n)), None)
     if mlp is None:
@@ -142,7 +144,7 @@ def final_norm_gain(model: nn.Module) -> torch.Tensor | None:
     d_model = model.get_input_embeddings().weight.shape[1]
     norms = [m for m in model.modules() if _norm_like(m) and getattr(m, "weight", None) is not None
              and m.weight.ndim == 1 and m.weight.shape[0] == d_model]
-    return norms[-1].weight.detach().float().cpu() if norms else None
+    return real_tensor(norms[-1], "weight").detach().float().cpu() if norms else None
 
 
 def reads_ov(model: nn.Module) -> str | None:
@@ -161,7 +163,7 @@ def _per_layer(model: nn.Module | None, fn: Callable[[OVCircuit, torch.Tensor], 
     set for real models) the residual stream after the first block (:func:`effective_embeddings`)."""
     if model is None:
         raise HeadlabError("OV-circuit detectors need a model")
-    raw = model.get_input_embeddings().weight[tokens].detach()
+    raw = real_tensor(model.get_input_embeddings(), "weight")[tokens].detach()
     if later is None:
         later = effective_embeddings(model, tokens) if batch.get("ov_after_first_block") else raw
     layers = [fn(ov_circuit(model, layer), raw if layer == 0 else later) for layer in range(len(head_sites(model)))]

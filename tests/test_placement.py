@@ -91,3 +91,24 @@ def test_weights_hooks_and_interventions_work_on_the_offloaded_model(llama, tmp_
         with torch.no_grad():
             untouched = plain.model(input_ids=ids).logits
         assert torch.allclose(outputs[0], outputs[1], atol=1e-6) and not torch.allclose(outputs[0], untouched)
+
+
+def test_detect_maps_the_offloaded_model_as_the_plain_one(llama, tmp_path, capsys):
+    """``detect`` takes the same placement flags: scores, controls and verdicts of every head agree."""
+    import pandas as pd
+
+    common = ["detect", "--model", str(llama), "--task", "induction", "--length", "24",
+              "--detection.batch_size", "4"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "offloaded"), *OFFLOAD,
+                 "--offload_folder", str(tmp_path / "offload")]) == 0
+    assert "disk: " in capsys.readouterr().out
+    plain = pd.read_csv(tmp_path / "plain" / "roles.csv")
+    offloaded = pd.read_csv(tmp_path / "offloaded" / "roles.csv")
+    assert len(plain) and list(plain.columns) == list(offloaded.columns)
+    numeric = plain.select_dtypes("number").columns
+    np.testing.assert_allclose(offloaded[numeric].to_numpy(float), plain[numeric].to_numpy(float), atol=1e-5,
+                               equal_nan=True)
+    assert (plain.select_dtypes(exclude="number").astype(str) == offloaded.select_dtypes(exclude="number")
+            .astype(str)).all().all()

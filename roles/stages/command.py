@@ -26,6 +26,7 @@ from typing import Any
 import pandas as pd
 
 from headlab.errors import HeadlabError, at_least
+from headlab.placement import Placement
 from headlab.runs import atomic_write_json, atomic_write_text, run_directory, save_config, to_plain
 from roles.mapping import DetectConfig
 from roles.stages.controls import check_entries
@@ -84,6 +85,9 @@ def stages(
     ablate: bool = True,
     probe_limit: int | None = None,
     seed: int = 0,
+    device_map: str | None = None,
+    max_memory: dict[str, str] | None = None,
+    offload_folder: Path | None = None,
 ) -> Path:
     """Toy vs real: tag every detected head with the survey's stage (KR, ICI, LR, EP) and test shallow-to-deep.
 
@@ -108,6 +112,10 @@ def stages(
             and groups) on each role's task loss, and the truthfulness heads' steering check.
         probe_limit: statements of the capitals set cached and probed for the truthfulness heads (default all 906).
         seed: seed of the Hugging Face models' batches and null initialisations.
+        device_map: spread each Hugging Face model over GPUs, CPU and disk with accelerate (auto, balanced,
+            balanced_low_0, sequential; its truthfulness cache too) and print where each part went.
+        max_memory: per-device memory for --device_map, e.g. '{"0": "70GiB", "cpu": "200GiB"}'; the rest: disk.
+        offload_folder: folder for the weights --device_map offloads to disk.
 
     Returns:
         The output directory.
@@ -118,14 +126,16 @@ def stages(
         raise HeadlabError("nothing to compare: pass --toy_runs '[DIR, ...]' and/or --models '[minilm, ...]'")
     run_dirs = resolve_toy_runs(list(toy_runs or []))
     at_least("length", length, 4)
+    placement = Placement(device_map, max_memory, offload_folder)
     out = Path(out)
     config = {"toy_runs": [str(p) for p in toy_runs or []], "models": list(models or []), "out": str(out),
               "stage_map": dict(stage_map or {}), "detection": detection, "length": length, "ablate": ablate,
-              "probe_limit": probe_limit, "seed": seed}
+              "probe_limit": probe_limit, "seed": seed, "device_map": device_map, "max_memory": max_memory,
+              "offload_folder": offload_folder}
     heads = [load_toy_run(d) for d in run_dirs]
     with run_directory(out, "stages"):
-        heads += [map_hf_model(spec, detection, length, seed, ablate, out / "work" / _slug(spec), probe_limit)
-                  for spec in models or []]
+        heads += [map_hf_model(spec, detection, length, seed, ablate, out / "work" / _slug(spec), probe_limit,
+                               placement) for spec in models or []]
         save_config(out, config)
         summary = _write(out, heads, stage_of, started, detection.alpha)
     for line in [f"run: {out}", *report_lines(summary["entries"], summary["toy_groups"])]:

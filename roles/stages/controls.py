@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from headlab.heads import head_sites, output_weights
+from headlab.placement import real_tensor
 from roles.mapping import Batches, DetectConfig, GroupCheck, group_check
 
 
@@ -60,7 +61,7 @@ def logit_direction(model: nn.Module, heads: list[tuple[int, int]], token_a: int
                     ) -> dict[tuple[int, int], torch.Tensor]:
     """``{(layer, head): W_O[h] (W_U[a] - W_U[b])}`` ``[d_head]``: the head-output direction that raises
     ``logit(a) - logit(b)`` most through the direct path (the final norm's per-token scale aside)."""
-    w_u = model.get_output_embeddings().weight.detach().float()  # [vocab, d_model]
+    w_u = real_tensor(model.get_output_embeddings(), "weight").detach().float()  # [vocab, d_model]
     target = w_u[token_a] - w_u[token_b]
     sites = head_sites(model)
     out = {}

@@ -101,8 +101,11 @@ def truthfulness_rows(loaded: LoadedModel, work: Path, cfg: DetectConfig, seed: 
     from data.cache_command import cache
     from probes import ControlConfig, probe
 
+    where = loaded.placement
+    placed = {} if where is None else {"device_map": where.device_map, "max_memory": where.max_memory,
+                                       "offload_folder": where.offload_folder}
     cache_dir = cache(model=loaded.model_id, dataset="capitals", out=work / "cache-capitals", positions="last",
-                      limit=limit)
+                      limit=limit, **placed)
     probe_dir = probe(cache_dir, out=work / "probe-capitals", logger="none",
                       control=ControlConfig(permutations=1000, bootstrap=200))
     heads = pd.read_csv(probe_dir / "heads.csv")

@@ -18,6 +18,7 @@ import pandas as pd
 
 from headlab.errors import HeadlabError
 from headlab.models import load_model
+from headlab.placement import Placement
 from headlab.runs import find_runs, read_json_object, seed_number
 from roles.mapping import DetectConfig
 from roles.rule import PROPERTIES
@@ -105,12 +106,13 @@ def load_toy_run(run_dir: Path) -> ModelHeads:
 
 
 def map_hf_model(spec: str, detection: DetectConfig, length: int, seed: int, ablate: bool = True,
-                 work: Path | None = None, probe_limit: int | None = None) -> ModelHeads:
+                 work: Path | None = None, probe_limit: int | None = None,
+                 placement: Placement | None = None) -> ModelHeads:
     """Every stage's head types of a Hugging Face model (:mod:`roles.stages.real`); ``work`` holds the truthfulness
     probe's cache and run (default: a temporary folder)."""
     import tempfile
 
-    loaded = load_model(spec, head="auto", attn_implementation="eager", need_tokenizer=False)
+    loaded = load_model(spec, head="auto", attn_implementation="eager", need_tokenizer=False, placement=placement)
     name = spec if not Path(spec).exists() else Path(spec).resolve().name
     with tempfile.TemporaryDirectory() as tmp:
         real = real_stages(loaded, detection, length, seed, ablate, Path(work or tmp), probe_limit)
