@@ -189,7 +189,7 @@ def sweep(
         if remaining > 0:
             stopped: list[dict] = []  # parameters of a trial a signal stopped
             try:
-                study.optimize(_objective(spec, out, name, stopped), n_trials=remaining, catch=(HeadlabError,),
+                study.optimize(_objective(spec, out, name, stopped, total), n_trials=remaining, catch=(HeadlabError,),
                                callbacks=[optuna.study.MaxTrialsCallback(total, states=finished)])
             except KeyboardInterrupt as stop:  # Optuna has failed the trial; the next run retries its parameters
                 for params in stopped:
@@ -241,23 +241,53 @@ def _retry_dead_trials(study, storage, name: str) -> None:
         if worker_host != host or not pid.isdigit() or _alive(int(pid)):
             continue
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-        storage.set_trial_user_attr(trial_id, "error", "its worker was killed; retried")
-        storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+        try:  # another worker starting now may have failed it first; then that one retries it
+            storage.set_trial_user_attr(trial_id, "error", "its worker was killed; retried")
+            if not storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
         study.enqueue_trial(trial.params, skip_if_exists=False)
         print(f"sweep: trial {trial.number} was left running by a killed worker (pid {pid}); retrying its "
               "parameters", flush=True)
 
 
-def _objective(spec: SweepSpec, out: Path, group: str, stopped: list[dict]):
+class _Surplus(HeadlabError):
+    """The trial is one more than the study needs (another worker started the last one first); it is not run."""
+
+
+def _surplus(trial, total: int) -> bool:
+    """Whether ``total`` trials numbered before this one are running or done. Each worker checks the trial count
+    after a trial and then creates the next one, so two workers finishing together may both create one; trial
+    numbers are handed out in order, and only the later one is surplus."""
+    import optuna
+
+    counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+    earlier = [t for t in trial.study.get_trials(deepcopy=False, states=counted) if t.number < trial.number]
+    return len(earlier) >= total
+
+
+def _drop_surplus(trial, spec: SweepSpec, total: int) -> None:
+    trial.set_user_attr("error", f"not run: the study already had its {total} trials (another worker started "
+                                 "the last one first)")
+    if spec.sampler == "grid":  # the grid sampler counts a failed trial's point as visited: this one never ran
+        trial.storage.set_trial_system_attr(trial._trial_id, "search_space", {})
+    trial.study.stop()
+    raise _Surplus(f"trial {trial.number} is surplus")
+
+
+def _objective(spec: SweepSpec, out: Path, group: str, stopped: list[dict], total: int):
     """Optuna's objective: run the command on the trial's config and read the metric from its run directory. A
     trial a signal stops appends its parameters to ``stopped`` and ends as a KeyboardInterrupt, which Optuna turns
-    into a failed trial before re-raising."""
+    into a failed trial before re-raising. A trial beyond the study's ``total`` fails at once, without running."""
     import optuna
 
     from headlab.tracking import finish_wandb
 
     def objective(trial) -> float:
         trial.set_user_attr("worker", _worker())
+        if _surplus(trial, total):
+            _drop_surplus(trial, spec, total)
         params = {p.key: p.suggest(trial) for p in spec.space}
         run_dir = out / "trials" / f"{trial.number:04d}"
         log_path = out / "trials" / f"{trial.number:04d}.log"
