@@ -3,8 +3,9 @@
 The sweep file's format is described in :mod:`headlab.sweep_spec`. Every trial is a normal run directory
 (``OUT/trials/NNNN``, with its resolved ``config.yaml``) and a W&B run grouped by the sweep. The study lives in
 ``OUT/study.db`` (SQLite) unless ``--storage`` names a database URL (PostgreSQL/MySQL) that many workers on many
-machines share; re-running continues the study until it holds ``trials`` trials. Outputs: ``OUT/trials.csv``,
-``OUT/best.yaml`` (a ready-to-run ``--config`` for the command), ``OUT/objective.png`` and ``OUT/importance.png``.
+machines share, or a journal file on a shared filesystem (:mod:`headlab.sweep_storage`); re-running continues the
+study until it holds ``trials`` trials. Outputs: ``OUT/trials.csv``, ``OUT/best.yaml`` (a ready-to-run
+``--config`` for the command), ``OUT/objective.png`` and ``OUT/importance.png``.
 
 A sweep file runs code, like a Python script: its ``command`` may name any importable ``package.module:function``,
 which the sweep imports and calls with the trial's config. Run sweep files you trust.
@@ -13,7 +14,6 @@ which the sweep imports and calls with the trial's config. Run sweep files you t
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 import math
@@ -21,7 +21,6 @@ import os
 import socket
 import time
 import traceback
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from headlab.sweep_spec import (
     study_identity,
     trial_config,
 )
+from headlab.sweep_storage import open_storage, quiet_experimental, retrying
 from headlab.tracking import current_trial
 
 log = logging.getLogger("headlab")
@@ -58,53 +58,6 @@ def _parse(command: str, config: dict[str, Any], where: Path):
         raise HeadlabError(f"the sweep's config for `{command}` does not parse: {message}") from error
     finally:
         where.unlink(missing_ok=True)
-
-
-def _retrying(make, attempts: int = 5):
-    """Run ``make()``, retrying briefly: workers starting together race to create the study's tables and rows."""
-    for attempt in range(attempts):
-        try:
-            return make()
-        except Exception:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.5 + attempt)
-    raise AssertionError("unreachable")
-
-
-@contextlib.contextmanager
-def _quiet_experimental() -> Iterator[None]:
-    """Optuna calls the heartbeat "experimental" on every use; a user cannot act on that warning."""
-    import optuna
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        yield
-
-
-def _storage(url: str | None, out: Path):
-    import optuna
-
-    url = url or f"sqlite:///{(out / 'study.db').resolve()}"
-    storages = optuna.storages
-    retry = getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or storages.RetryFailedTrialCallback
-    # the keyword is heartbeat_stale_trial_callback since Optuna 4.9 and failed_trial_callback before
-    accepted = inspect.signature(storages.RDBStorage.__init__).parameters
-    keyword = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in accepted
-               else "failed_trial_callback")
-    with _quiet_experimental():
-        kwargs: dict[str, Any] = {"heartbeat_interval": 30, "grace_period": 120, keyword: retry(max_retry=1)}
-    if url.startswith("sqlite"):
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-    attempts = 5 if url.startswith("sqlite") else 2
-    try:
-        with _quiet_experimental():
-            return _retrying(lambda: optuna.storages.RDBStorage(url, **kwargs), attempts)
-    except Exception as error:
-        raise HeadlabError(
-            f"cannot open sweep storage {url.split('@')[-1]!r} ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:160]}); check the URL, the server and its driver"
-        ) from error
 
 
 def _sampler(spec: SweepSpec):
@@ -154,7 +107,12 @@ def sweep(
         config: the sweep file (headlab format or a W&B sweep YAML).
         out: sweep directory: trials/, study.db, trials.csv, best.yaml, plots.
         trials: total trials the study should hold (default: the file's `trials`); re-running continues to it.
-        storage: database URL shared by many workers (default: sqlite in OUT/study.db).
+        storage: where the study lives (default: SQLite in OUT/study.db, for one machine). A database URL,
+            e.g. postgresql+psycopg://USER@HOST/DB (pip install -e .[postgres]), lets workers on many machines share
+            one study; a running trial records a heartbeat every HEADLAB_SWEEP_HEARTBEAT s (30), and a trial silent
+            for HEADLAB_SWEEP_GRACE s (120) is failed and retried by the next worker that starts a trial.
+            journal:PATH is Optuna's journal file on a shared filesystem: no heartbeat, so a trial whose worker
+            died on another machine stays RUNNING until a sweep is re-run on that machine (which retries it).
         study_name: name of the study in the storage (default: the sweep file's name).
     """
     import optuna
@@ -174,14 +132,14 @@ def sweep(
             check.unlink(missing_ok=True)
         name = study_name or Path(config).stem
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial prints its own line
-        study_storage = _storage(storage, out)
-        study = _retrying(lambda: optuna.create_study(
+        study_storage = open_storage(storage, out)
+        study = retrying(lambda: optuna.create_study(
             study_name=name, storage=study_storage, sampler=_sampler(spec), direction=spec.direction,
             load_if_exists=True, pruner=optuna.pruners.MedianPruner(n_startup_trials=2) if spec.prune else None))
         _check_same_study(study, spec, name, out)
         atomic_write_text(out / "sweep.yaml", yaml.safe_dump(to_plain(raw), sort_keys=False))
         _retry_dead_trials(study, study_storage, name)
-        with _quiet_experimental():  # another machine's dead worker: its heartbeat stopped
+        with quiet_experimental():  # another machine's dead worker: its heartbeat stopped
             optuna.storages.fail_stale_trials(study)
         finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
                     optuna.trial.TrialState.RUNNING)
@@ -189,7 +147,7 @@ def sweep(
         if remaining > 0:
             stopped: list[dict] = []  # parameters of a trial a signal stopped
             try:
-                study.optimize(_objective(spec, out, name, stopped), n_trials=remaining, catch=(HeadlabError,),
+                study.optimize(_objective(spec, out, name, stopped, total), n_trials=remaining, catch=(HeadlabError,),
                                callbacks=[optuna.study.MaxTrialsCallback(total, states=finished)])
             except KeyboardInterrupt as stop:  # Optuna has failed the trial; the next run retries its parameters
                 for params in stopped:
@@ -241,23 +199,53 @@ def _retry_dead_trials(study, storage, name: str) -> None:
         if worker_host != host or not pid.isdigit() or _alive(int(pid)):
             continue
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-        storage.set_trial_user_attr(trial_id, "error", "its worker was killed; retried")
-        storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+        try:  # another worker starting now may have failed it first; then that one retries it
+            storage.set_trial_user_attr(trial_id, "error", "its worker was killed; retried")
+            if not storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
         study.enqueue_trial(trial.params, skip_if_exists=False)
         print(f"sweep: trial {trial.number} was left running by a killed worker (pid {pid}); retrying its "
               "parameters", flush=True)
 
 
-def _objective(spec: SweepSpec, out: Path, group: str, stopped: list[dict]):
+class _Surplus(HeadlabError):
+    """The trial is one more than the study needs (another worker started the last one first); it is not run."""
+
+
+def _surplus(trial, total: int) -> bool:
+    """Whether ``total`` trials numbered before this one are running or done. Each worker checks the trial count
+    after a trial and then creates the next one, so two workers finishing together may both create one; trial
+    numbers are handed out in order, and only the later one is surplus."""
+    import optuna
+
+    counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+    earlier = [t for t in trial.study.get_trials(deepcopy=False, states=counted) if t.number < trial.number]
+    return len(earlier) >= total
+
+
+def _drop_surplus(trial, spec: SweepSpec, total: int) -> None:
+    trial.set_user_attr("error", f"not run: the study already had its {total} trials (another worker started "
+                                 "the last one first)")
+    if spec.sampler == "grid":  # the grid sampler counts a failed trial's point as visited: this one never ran
+        trial.storage.set_trial_system_attr(trial._trial_id, "search_space", {})
+    trial.study.stop()
+    raise _Surplus(f"trial {trial.number} is surplus")
+
+
+def _objective(spec: SweepSpec, out: Path, group: str, stopped: list[dict], total: int):
     """Optuna's objective: run the command on the trial's config and read the metric from its run directory. A
     trial a signal stops appends its parameters to ``stopped`` and ends as a KeyboardInterrupt, which Optuna turns
-    into a failed trial before re-raising."""
+    into a failed trial before re-raising. A trial beyond the study's ``total`` fails at once, without running."""
     import optuna
 
     from headlab.tracking import finish_wandb
 
     def objective(trial) -> float:
         trial.set_user_attr("worker", _worker())
+        if _surplus(trial, total):
+            _drop_surplus(trial, spec, total)
         params = {p.key: p.suggest(trial) for p in spec.space}
         run_dir = out / "trials" / f"{trial.number:04d}"
         log_path = out / "trials" / f"{trial.number:04d}.log"

@@ -24,6 +24,8 @@ def _private_model_cache() -> None:
 
 _private_model_cache()
 
+from postgres import postgres_server, postgres_url  # noqa: E402, F401  (fixtures: a real PostgreSQL server)
+
 
 def _installed(distribution: str) -> bool:
     from importlib import metadata

@@ -29,11 +29,12 @@ def quadratic(x: float = 0.0, y: int = 0, scale: Scale = Scale(), out: Path = Pa
         scale: nested options
         out: run directory
         seconds: sleep this long after creating the run directory (to kill a sweep mid-trial)
-        hold: wait while this file exists, after creating the run directory (to stop a sweep mid-trial)
+        hold: wait while this file exists, after creating the run directory (to stop a sweep mid-trial); `{x}`
+            in it is replaced by x (to hold one grid point only)
     """
     out.mkdir(parents=True, exist_ok=True)
     time.sleep(seconds)
-    while hold is not None and Path(hold).exists():
+    while hold is not None and Path(str(hold).replace("{x}", str(x))).exists():
         time.sleep(0.05)
     score = -(abs(x - 0.3) ** scale.power + (y - 2) ** 2)
     (out / "metrics.json").write_text(json.dumps({"score": score, "nested": {"x": x}}))

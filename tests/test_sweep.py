@@ -153,8 +153,32 @@ def test_two_workers_share_one_sqlite_study_without_duplicates(tmp_path):
         assert worker.returncode == 0, err
     trials = pd.read_csv(tmp_path / "out" / "trials.csv")
     done = trials[trials["state"] == "COMPLETE"]
-    assert 8 <= len(done) <= 9  # a race at the very end may start one extra trial, never a repeated one
-    assert done["number"].is_unique and done["run_dir"].is_unique
+    assert len(done) == 8 and done["number"].is_unique and done["run_dir"].is_unique
+    # two workers finishing together may each start a 9th trial: it fails without running
+    assert all(str(error).startswith("not run: the study already had its 8")
+               for error in trials[trials["state"] != "COMPLETE"]["error"])
+
+
+def test_a_trial_beyond_the_total_fails_without_running_and_leaves_its_grid_point_unvisited(tmp_path):
+    """What a worker does when another one started the study's last trial between its count and its next trial."""
+    import optuna
+
+    from headlab.sweep import _objective, _sampler
+    from headlab.sweep_spec import parse_sweep
+
+    config = write_sweep(tmp_path / "s.yaml", sampler="grid", space={"x": [0.0, 0.3, 0.6], "y": [2]}, trials=2)
+    spec = parse_sweep(yaml.safe_load(config.read_text()))
+    sampler = _sampler(spec)
+    study = optuna.create_study(sampler=sampler, direction="maximize")
+    running = [study.ask() for _ in range(2)]  # the study's 2 trials, running on other workers
+    study.optimize(_objective(spec, tmp_path / "out", "s", [], total=2), n_trials=5, catch=(Exception,))
+    extra = study.trials[2:]
+    assert len(extra) == 1 and extra[0].state == optuna.trial.TrialState.FAIL  # it also stopped this worker
+    assert extra[0].user_attrs["error"].startswith("not run: the study already had its 2 trials")
+    assert not (tmp_path / "out" / "trials").exists()
+    for trial in running:  # their workers finish them (in their own processes: no sampler hook runs here)
+        trial.storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.COMPLETE, [0.0])
+    assert not sampler.is_exhausted(study)  # the third grid point is still to run, when the total is raised
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
