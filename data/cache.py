@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from data.manifest import manifest_problem
 from headlab.errors import HeadlabError
 from headlab.runs import read_json_object
 
@@ -225,6 +226,10 @@ class HeadCache:
         manifest = read_manifest(path)
         if manifest is None:
             raise HeadlabError(f"{path} is not a head cache (no {MANIFEST}); create one with `python train.py cache`")
+        problem = manifest_problem(manifest)
+        if problem is not None:
+            raise HeadlabError(f"head cache {path} is damaged: in {MANIFEST}, {problem}; delete the cache directory "
+                               "and run the cache command again")
         if not manifest.get("complete"):
             done = sum(s["rows"] for s in manifest["shards"])
             raise HeadlabError(

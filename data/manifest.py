@@ -81,3 +81,51 @@ class CacheSpec:
                         **self.dataset.fields(), "label_kind": self.dataset.label_kind},
             "label_schema": self.label_schema,
         }
+
+
+_INT, _STR, _BOOL, _DICT, _LIST = "a whole number", "a string", "true or false", "a JSON object", "a JSON list"
+_TOP: dict[str, str] = {
+    "format_version": _INT, "key": _STR, "rows": _INT, "layers": _LIST, "n_layers": _INT, "n_heads": _INT,
+    "d_head": _INT, "dtype": _STR, "positions": _STR, "complete": _BOOL, "shards": _LIST, "label_schema": _DICT,
+    "extra_columns": _LIST, "model": _DICT, "dataset": _DICT, "identity": _DICT, "truncated_examples": _INT,
+    "created": _STR, "architecture": _STR, "model_dtype": _STR, "padding_side": _STR,
+}
+_SHARD: dict[str, str] = {"file": _STR, "rows": _INT, "start_example": _INT, "end_example": _INT, "sha256": _STR}
+_KINDS = ("binary", "multiclass", "regression")
+
+
+def _is(value: Any, kind: str) -> bool:
+    return {_INT: isinstance(value, int) and not isinstance(value, bool), _STR: isinstance(value, str),
+            _BOOL: isinstance(value, bool), _DICT: isinstance(value, dict), _LIST: isinstance(value, list)}[kind]
+
+
+def manifest_problem(manifest: Mapping[str, Any]) -> str | None:
+    """What is wrong with the types and ranges of a cache's ``manifest.json`` (None: nothing). Every field a reader
+    uses is checked here, once, so a hand-edited or damaged manifest is a one-line error, never a crash later."""
+    for key, kind in _TOP.items():
+        if key in manifest and not _is(manifest[key], kind):
+            return f"{key} is {manifest[key]!r}, not {kind}"
+    for key in ("rows", "n_heads", "d_head", "n_layers", "truncated_examples"):
+        if key in manifest and manifest[key] < (0 if key in ("rows", "truncated_examples") else 1):
+            return f"{key} is {manifest[key]}, out of range"
+    if "layers" in manifest and not all(_is(v, _INT) and v >= 0 for v in manifest["layers"]):
+        return f"layers is {manifest['layers']!r}, not a list of layer indices"
+    if manifest.get("dtype", "float16") not in ("float16", "float32"):
+        return f"dtype is {manifest['dtype']!r}, not float16 or float32"
+    for shard in manifest.get("shards", []):
+        if not isinstance(shard, dict):
+            return f"a shard entry is {shard!r}, not {_DICT}"
+        for key, kind in _SHARD.items():
+            if key in shard and not _is(shard[key], kind):
+                return f"shard field {key} is {shard[key]!r}, not {kind}"
+        name = str(shard.get("file", ""))
+        if not name.startswith("shards/") or ".." in name or shard.get("rows", 0) < 0:
+            return f"shard {name!r} ({shard.get('rows')} rows) is not a shard of this cache"
+    for column, schema in manifest.get("label_schema", {}).items():
+        if not isinstance(schema, dict) or schema.get("kind") not in _KINDS:
+            return f"label {column!r} has schema {schema!r}; its kind must be one of {', '.join(_KINDS)}"
+        if "classes" in schema and not isinstance(schema["classes"], list):
+            return f"label {column!r} lists classes {schema['classes']!r}, not {_LIST}"
+    if not all(_is(v, _STR) for v in manifest.get("extra_columns", [])):
+        return f"extra_columns is {manifest['extra_columns']!r}, not a list of column names"
+    return None

@@ -74,11 +74,27 @@ def parse_command(command: str, args: Sequence[str], exit_on_error: bool = True)
     """The command's function and its keyword arguments, parsed from ``args`` (defaults < YAML < flags)."""
     parser, fn = build_parser(command, exit_on_error=exit_on_error)
     cfg = parser.parse_args(list(args))
+    check_values(cfg.as_dict())
     kwargs = parser.instantiate_classes(cfg).as_dict()
     if "config" not in inspect.signature(fn).parameters:
         kwargs.pop("config", None)
     kwargs.pop("__path__", None)
     return fn, kwargs
+
+
+def check_values(tree: object, name: str = "") -> None:
+    """The checks every value from outside gets, whatever its option (flags, YAML, JSON maps): numbers are finite.
+    Types, choices and unknown keys are jsonargparse's (from the signatures); ranges are each config's own."""
+    import math
+
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            check_values(value, f"{name}.{key}" if name else str(key))
+    elif isinstance(tree, (list, tuple)):
+        for index, value in enumerate(tree):
+            check_values(value, f"{name}[{index}]")
+    elif isinstance(tree, float) and not math.isfinite(tree):
+        raise HeadlabError(f"--{name} {tree} is not a finite number; give a finite value")
 
 
 def usage() -> str:
