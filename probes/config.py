@@ -108,7 +108,8 @@ class ControlConfig:
     """Train the same probe on control labels (Hewitt & Liang 2019) and report selectivity."""
     control_column: str | None = None
     """Input type for the control task: rows sharing a value get the same random label. Default: the group
-    column when the cache has one, else the dataset example each row came from."""
+    column when the cache has one, else the dataset example each row came from, examples with identical
+    activations (the same text twice) counting as one type."""
     permutations: int = 1000
     """Label permutations of the test rows for each head's p-value of beating chance (0: skip)."""
     bootstrap: int = 1000

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -131,6 +132,22 @@ def control_labels(y: np.ndarray, types: np.ndarray, train: np.ndarray, seed: in
     return draw[type_of_row]
 
 
+def input_types(cache: HeadCache) -> np.ndarray:
+    """``[rows]``: the control task's input type of each row when the cache has no group column. An example is a
+    type, and examples whose rows no probe can tell apart (equal activations in every head of the last cached
+    layer, in the same order: the same text twice) are one type, so repeated inputs share a control label as
+    Hewitt & Liang's repeated words do."""
+    import hashlib
+
+    last = np.ascontiguousarray(cache.activations[:, -1])  # [rows, heads, d_head]
+    digests = [hashlib.blake2b(row.tobytes(), digest_size=8).hexdigest() for row in last]
+    example = cache.example_index
+    frame = pd.DataFrame({"example": example, "digest": digests})
+    signature = frame.groupby("example", sort=False)["digest"].agg("|".join)  # an example's rows, in row order
+    _, type_of_example = np.unique(signature.to_numpy(), return_inverse=True)
+    return pd.Series(type_of_example, index=signature.index).loc[example].to_numpy()
+
+
 def build_problem(cache: HeadCache, probe: ProbeConfig, split: SplitConfig, control: ControlConfig) -> ProbeProblem:
     """Check the labels of ``cache`` and lay out the splits and fits. One-line errors for every bad input."""
     label = check_label(cache, probe.label)
@@ -179,7 +196,7 @@ def build_problem(cache: HeadCache, probe: ProbeConfig, split: SplitConfig, cont
             raise HeadlabError(f"--control.control_column '{column}' is not in the cache; use one of: "
                                f"{sorted(frame.columns)}")
         if column is None:
-            types = groups if groups is not None else cache.example_index
+            types = groups if groups is not None else input_types(cache)
         else:
             types = frame[column].to_numpy()
         fits.append(Fit("control", control_labels(y, types, train, split.seed), train_parts))
