@@ -82,6 +82,9 @@ def probe_heads(
                     {**settings, "solver": solver})
     with run_directory(out, "probe"):
         save_config(out, settings)
+        # summary.json is written last and marks a finished run: an earlier run's must not vouch for the files this
+        # one is about to replace, if it stops half-way
+        (out / "summary.json").unlink(missing_ok=True)
         track = make_logger(logger, out, name=out.name, group="probe", config=settings)
         try:
             frame, top, heads_csv, heatmap = run.execute(track, start)

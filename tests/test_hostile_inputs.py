@@ -139,3 +139,22 @@ def test_a_crashed_run_leaves_no_marker_lock_or_config_in_the_folder_it_created(
     monkeypatch.setattr(probes.command, "evaluate", crash)
     assert main(["probe", "--cache", str(cache), "--out", str(tmp_path / "run"), *PROBE]) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_rerun_that_stops_half_way_leaves_no_summary_vouching_for_its_files(cache, tmp_path, monkeypatch):
+    """summary.json is the commit mark of a probe run: written last, and removed before a rerun replaces the
+    files, so heads.csv from a run that stopped half-way is never read as finished."""
+    import errno
+
+    import probes.command
+
+    out = tmp_path / "run"
+    assert main(["probe", "--cache", str(cache), "--out", str(out), *PROBE]) == 0
+    assert (out / "summary.json").exists()
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "heatmap.png"))
+
+    monkeypatch.setattr(probes.command, "plot_heatmap", full)
+    assert main(["probe", "--cache", str(cache), "--out", str(out), *PROBE]) == 2
+    assert (out / "heads.csv").exists() and not (out / "summary.json").exists()
