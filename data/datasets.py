@@ -218,7 +218,8 @@ def load_dataset(config: DatasetConfig | str) -> LabelledDataset:
         for i, record in enumerate(records):
             mark = record.get(mark_field)
             offsets = mark if isinstance(mark, list) else [mark]
-            if mark is None or not all(isinstance(o, int) and 0 <= o < len(texts[i]) for o in offsets):
+            if mark is None or not offsets or not all(
+                    isinstance(o, int) and not isinstance(o, bool) and 0 <= o < len(texts[i]) for o in offsets):
                 raise HeadlabError(
                     f"dataset {spec}: example {i} has '{mark_field}'={mark!r}; give a character offset (or list of "
                     f"offsets) inside its text (0..{len(texts[i]) - 1})"

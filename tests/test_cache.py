@@ -188,6 +188,9 @@ def test_bad_input_gives_a_one_line_error_and_writes_nothing(tiny_gpt2, jsonl, t
     ([], "is empty"),
     ([{"text": "paris", "label": 1}, {"text": "rome", "label": "yes"}], "mixes types"),
     ([{"text": "paris", "label": True}, {"text": "rome"}], "has no field 'label'"),
+    # an empty mark read no token: the example vanished from the cache without a word (100 examples, 66 rows)
+    ([{"text": "paris", "label": 1, "mark": [0]}, {"text": "rome", "label": 0, "mark": []}], "'mark'=[]"),
+    ([{"text": "paris", "label": 1, "mark": True}, {"text": "rome", "label": 0, "mark": 0}], "'mark'=True"),
 ])
 def test_bad_dataset_files_are_refused(tiny_gpt2, tmp_path, capsys, records, message):
     path = write_jsonl(tmp_path / "bad.jsonl", records)
