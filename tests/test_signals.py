@@ -100,3 +100,37 @@ def test_lightnings_sigterm_exit_is_reported_as_an_interruption(monkeypatch, cap
     monkeypatch.setattr(headlab.cli, "parse_command", lambda *a, **k: (stopped, {}))
     assert main(["toy"]) == 143
     assert "interrupted (SIGTERM)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_cache_stopped_by_sigterm_exits_143_and_resumes(tmp_path):
+    import json
+
+    from tiny_models import save_tiny_model
+
+    model = save_tiny_model("gpt2", tmp_path / "gpt2", padding_side="left")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"the capital of rome {i}", "label": i % 2}) + "\n"
+                            for i in range(400)))
+    out = tmp_path / "cache"
+    args = ["cache", "--model", str(model), "--dataset", str(data), "--out", str(out), "--batch_size", "1",
+            "--shard_mb", "0.000001"]
+
+    def some_shards() -> bool:
+        try:
+            return len(json.loads((out / "manifest.json").read_text())["shards"]) >= 3
+        except (OSError, ValueError, KeyError):
+            return False
+
+    process = _start(*args)
+    _, err = _signal_when(process, some_shards, signal.SIGTERM)
+    assert process.returncode == 143, err
+    assert "interrupted (SIGTERM): `cache` stopped before it finished" in err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not manifest["complete"] and manifest["shards"]
+    done = manifest["shards"][-1]["end_example"]
+    again = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=ENV, capture_output=True,
+                           text=True, timeout=300, check=False)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming {out} from example {done} of 400" in again.stdout + again.stderr
+    assert json.loads((out / "manifest.json").read_text())["rows"] == 400
