@@ -106,7 +106,8 @@ def gram_pass(cache_dir: Path, split: SplitConfig, block: int = 8) -> float:
     (blocks of heads read from the memmap, one block per worker thread, on the solver's device)."""
     import torch
 
-    from probes.newton import gram_matrices, run_blocks, solver_device
+    from probes.device import gram_matrices, solver_device
+    from probes.newton import run_blocks
 
     cache = HeadCache.open(cache_dir)
     problem = build_problem(cache, ProbeConfig(), split, ControlConfig(control_task=False))

@@ -136,8 +136,8 @@ def _agree(fabric, step: Callable[[], Any], share: bool = False) -> Any:
 
 
 def _cache_share(fabric, arguments: dict[str, Any], stack: contextlib.ExitStack) -> Path:
-    from data.cache_command import describe_cache, finish, prepare, shard_rows, write_shards
     from data.cache_parts import PartWriter, discard_other_parts, merge, plan
+    from data.cache_run import describe_cache, finish, prepare, shard_rows, write_shards
     from data.cache_writer import CacheWriter
     from headlab.runs import run_directory, save_config
 

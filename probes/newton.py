@@ -39,6 +39,7 @@ from scipy.special import expit
 from headlab.errors import HeadlabError
 from probes.config import ProbeConfig
 from probes.data import HeadMajor, ProbeProblem, check_finite, standardisation_scale
+from probes.device import CPU, bmm, gram_matrices, host, solver_device
 from probes.mass_mean import MassMean, mass_mean_block
 from probes.objective import curvature, damped_inverse, loss_and_grad
 
@@ -53,9 +54,6 @@ class HeadFits:
     iterations: np.ndarray  # [heads]: Newton iterations of each head's block (0 for closed-form / other solvers)
     converged: np.ndarray  # [fits, heads]
     degenerate: np.ndarray | None = None  # [heads]: near-constant dimensions (see standardisation_scale)
-
-
-CPU = torch.device("cpu")
 
 
 class _Block:
@@ -83,7 +81,7 @@ class _Block:
         for p in sorted(gram_parts):
             lo, hi = bounds[p]
             xp = self.x[:, lo:hi]  # [block, part_rows, d]
-            self.sum[p] = _host(xp.sum(1))
+            self.sum[p] = host(xp.sum(1))
             g = np.empty((b_, d + 1, d + 1))
             if sqrt_w is None:
                 g[:, :d, :d] = gram_matrices(xp)  # per-head X^T X: [block, d, d]
@@ -93,53 +91,11 @@ class _Block:
             else:
                 ws = torch.from_numpy(sqrt_w[lo:hi].astype(np.float32)).to(device)  # [part_rows]
                 g[:, :d, :d] = gram_matrices(xp * ws[None, :, None])
-                self.sum_sq[p] = _host((xp.double() ** 2).sum(1))
-                g[:, :d, d] = _host(torch.matmul(ws**2, xp))  # [block, d]
+                self.sum_sq[p] = host((xp.double() ** 2).sum(1))
+                g[:, :d, d] = host(torch.matmul(ws**2, xp))  # [block, d]
                 g[:, d, d] = float((sqrt_w[lo:hi] ** 2).sum())
             g[:, d, :d] = g[:, :d, d]
             self.gram[p] = g
-
-
-def _host(t: torch.Tensor) -> np.ndarray:
-    """A device tensor as a float64 numpy array (the small per-head statistics the solver keeps on the host)."""
-    return t.detach().to(CPU, torch.float64).numpy()
-
-
-def _numpy_path(t: torch.Tensor) -> bool:
-    """Whether ``t``'s products go through numpy (CPU tensors) rather than torch (any other device)."""
-    return t.device.type == "cpu"
-
-
-def gram_matrices(x: torch.Tensor) -> np.ndarray:
-    """Per-head ``X^T X`` of ``x [block, rows, d]`` as float64 ``[block, d, d]``: on the CPU numpy's ``a.T @ a``,
-    which BLAS computes as a symmetric rank-k update (half the flops of torch's general ``bmm``); elsewhere ``bmm``."""
-    if _numpy_path(x):
-        a = x.numpy()
-        return np.stack([a[b].T @ a[b] for b in range(a.shape[0])]).astype(np.float64)
-    return _host(torch.bmm(x.transpose(1, 2), x))
-
-
-def _bmm(data: torch.Tensor, small: np.ndarray) -> np.ndarray:
-    """``data [B, n, m] @ small [B, m, c]`` as float32 numpy. On the CPU through numpy (BLAS reads a transposed
-    ``data`` view in place; torch's bmm copies it first); elsewhere on ``data``'s device, ``small`` sent there."""
-    small = small.astype(np.float32)
-    if _numpy_path(data):
-        return np.matmul(data.numpy(), small)
-    return torch.bmm(data, torch.from_numpy(np.ascontiguousarray(small)).to(data.device)).cpu().numpy()
-
-
-def solver_device(name: str) -> torch.device:
-    """``auto``: the first CUDA device when present, else the CPU; otherwise the device named."""
-    if name == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else CPU
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise HeadlabError(f"--probe.device {name!r} is not a device ({error}); use auto, cpu, cuda or cuda:N") \
-            from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise HeadlabError(f"--probe.device {name} asks for CUDA, which this machine does not have; use auto or cpu")
-    return device
 
 
 def run_blocks(fn: Callable[[int], None], starts: Iterable[int], workers: int | None) -> None:
@@ -309,12 +265,12 @@ def _solve_block(blk: _Block, fits, kind: str, curv: float, probe: ProbeConfig, 
 
     # the two data passes run on the device; the small per-head vectors and matrices stay on the host
     def backward(r: np.ndarray) -> np.ndarray:  # r [B, R, F, k] -> X~^T r: [B, F, d+1, k]
-        gw = _bmm(xt, r.reshape(b_, fit_rows, n_fits * k)).reshape(b_, d, n_fits, k)
+        gw = bmm(xt, r.reshape(b_, fit_rows, n_fits * k)).reshape(b_, d, n_fits, k)
         return np.concatenate([gw.transpose(0, 2, 1, 3), r.sum(1)[:, :, None]], 2).astype(np.float64)
 
     def forward(v: np.ndarray, data: torch.Tensor) -> np.ndarray:  # v [B, F, d+1, k] -> X~ v: [B, rows, F, k]
         w = v[:, :, :d].transpose(0, 2, 1, 3).reshape(b_, d, n_fits * k)
-        return _bmm(data, w).reshape(b_, data.shape[1], n_fits, k) + v[:, None, :, d].astype(np.float32)
+        return bmm(data, w).reshape(b_, data.shape[1], n_fits, k) + v[:, None, :, d].astype(np.float32)
 
     u = np.zeros((b_, n_fits, d + 1, k))
     z = np.zeros((b_, fit_rows, n_fits, k), np.float32)

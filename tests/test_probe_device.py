@@ -11,6 +11,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
+import probes.device as probe_device
 import probes.newton as newton
 from data import write_cache
 from headlab.cli import main
@@ -39,7 +40,7 @@ def fit(cache, cfg: ProbeConfig):
 def test_the_torch_path_gives_scikit_learns_probes(tmp_path, monkeypatch, kind):
     cache = planted(tmp_path, kind)
     cfg = ProbeConfig(l2=1e-2, tol=1e-7, max_iter=300, device="cpu")
-    monkeypatch.setattr(newton, "_numpy_path", lambda t: False)  # every product through torch.bmm
+    monkeypatch.setattr(probe_device, "_numpy_path", lambda t: False)  # every product through torch.bmm
     problem, fits = fit(cache, cfg)
     assert fits.converged.all()
     train = problem.parts == 0
@@ -60,7 +61,7 @@ def test_both_paths_agree_on_every_fit(tmp_path, monkeypatch):
     cache = planted(tmp_path, "binary", seed=1)
     cfg = ProbeConfig(l2=1e-3, tol=1e-6, max_iter=300, device="cpu")
     _, host = fit(cache, cfg)
-    monkeypatch.setattr(newton, "_numpy_path", lambda t: False)
+    monkeypatch.setattr(probe_device, "_numpy_path", lambda t: False)
     _, forced = fit(cache, cfg)
     assert host.converged.all() and forced.converged.all()
     np.testing.assert_allclose(forced.scores, host.scores, atol=2e-4)
@@ -70,12 +71,12 @@ def test_a_device_the_machine_lacks_is_one_error_line(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the missing-device error cannot happen here")
     with pytest.raises(HeadlabError, match="does not have"):
-        newton.solver_device("cuda")
-    assert newton.solver_device("auto") == torch.device("cpu")
+        probe_device.solver_device("cuda")
+    assert probe_device.solver_device("auto") == torch.device("cpu")
     cache = planted(tmp_path, "binary")
-    for device, message in [("cuda:1", "does not have"), ("warp9", "is not a device")]:
-        code = main(["probe", "--cache", str(cache.path), "--out", str(tmp_path / device), "--logger", "none",
-                     "--probe.device", device])
+    for name, message in [("cuda:1", "does not have"), ("warp9", "is not a device")]:
+        code = main(["probe", "--cache", str(cache.path), "--out", str(tmp_path / name), "--logger", "none",
+                     "--probe.device", name])
         err = capsys.readouterr().err.strip().splitlines()
-        assert code == 2 and len(err) == 1 and message in err[0] and device in err[0], err
-        assert not (tmp_path / device).exists()
+        assert code == 2 and len(err) == 1 and message in err[0] and name in err[0], err
+        assert not (tmp_path / name).exists()
