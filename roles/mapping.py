@@ -229,7 +229,8 @@ class TargetSummary:
 
     role: str
     scored: bool
-    formed: bool = False  # a functional head (layer >= 1 for induction, iteration), or the group beats random
+    formed: bool = False  # a functional head (layer >= 1 for induction, iteration), or the group beats random;
+    # a toy iteration run also needs its two-head circuit (toymodels/circuits.py, applied in toymodels/run.py)
     layer: int | None = None
     head: int | None = None
     score: float | None = None

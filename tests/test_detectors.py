@@ -202,3 +202,52 @@ def test_null_distribution_pools_every_head_of_several_random_initialisations():
 def test_unknown_detector_is_a_clear_error():
     with pytest.raises(HeadlabError, match="unknown detector"):
         score_heads(_tiny_gpt2(), {"input_ids": PERIODIC}, ["telepathy"])
+
+
+def test_iteration_circuit_scores_read_eoi_attention_in_layer_0_and_the_diagonal_above():
+    from toymodels.circuits import circuit_of, iteration_scores
+
+    # sequence 0: F F x1 x2 x3 EoI s1 s2 s3 (prefix 2, n = 3, EoI at 5); sequence 1: x1 EoI s1 PAD ... (n = 1)
+    seq = 9
+    p = torch.eye(seq).repeat(2, 2, 2, 1, 1)  # [batch, layer, head, query, key]: every row on itself
+    p[:, :, 1] = _uniform(seq)  # head 1 of both layers: uniform over the keys so far
+
+    def put(b, layer, row, key, weight):
+        p[b, layer, 0, row] = 0
+        p[b, layer, 0, row, key] = weight
+        p[b, layer, 0, row, row] += 1 - weight
+
+    for row, weight in ((6, 1.0), (7, 0.5), (8, 0.25)):  # layer 0, CoT positions s1..s3 to EoI
+        put(0, 0, row, 5, weight)
+    for row, key, weight in ((5, 2, 1.0), (6, 3, 1.0), (7, 4, 0.4)):  # layer 1, EoI, s1, s2 to x1, x2, x3
+        put(0, 1, row, key, weight)
+    put(1, 0, 2, 1, 0.2)  # sequence 1: s1 (position 2) to EoI (position 1)
+    put(1, 1, 1, 0, 0.6)  # EoI to x1 (position 0)
+    eoi_attention, diagonal = iteration_scores(p, torch.tensor([5, 1]), torch.tensor([3, 1]))
+    uniform_eoi = ((1 / 7 + 1 / 8 + 1 / 9) / 3 + 1 / 3) / 2  # rows 6..8 see 7..9 keys; row 2 sees 3
+    uniform_diagonal = ((1 / 6 + 1 / 7 + 1 / 8) / 3 + 1 / 2) / 2
+    assert eoi_attention[0].tolist() == pytest.approx([(7 / 12 + 0.2) / 2, uniform_eoi])
+    assert diagonal[1].tolist() == pytest.approx([(0.8 + 0.6) / 2, uniform_diagonal])
+    assert diagonal[0, 0] == pytest.approx(0.0)  # layer 0 of this pattern holds no diagonal
+    circuit = circuit_of(eoi_attention, diagonal, floor=0.3)
+    assert (circuit.layer0_head, circuit.diagonal_layer, circuit.diagonal_head) == (0, 1, 0)
+    assert circuit.layer0_eoi_attention == pytest.approx(0.39166, abs=1e-4) and circuit.passed
+    assert not circuit_of(eoi_attention, diagonal, floor=0.4).passed  # the EoI half, 0.39, falls short
+    # a diagonal in layer 0 alone (the positional shortcut) is no iteration circuit
+    shortcut = circuit_of(eoi_attention, torch.stack([diagonal[1], torch.zeros(2)]), floor=0.3)
+    assert shortcut.layer1_diagonal == 0 and not shortcut.passed
+
+
+def test_untrained_iteration_models_fail_the_circuit_check():
+    from data.tasks import make_task
+    from toymodels.circuits import iteration_circuit
+
+    task = make_task("iteration", min_bits=1, max_bits=12, rule="polynomial", prefix_max=8)
+    batch = task.batch(64, seed=0)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        model = toymodels.ToyTransformer(toymodels.ToyTransformerConfig(
+            vocab_size=task.vocab_size, max_position_embeddings=task.seq_len, hidden_size=64, num_hidden_layers=2,
+            num_attention_heads=1))
+        circuit = iteration_circuit(model, task, batch, floor=0.3)
+        assert circuit.layer0_eoi_attention < 0.3 and circuit.layer1_diagonal < 0.3 and not circuit.passed

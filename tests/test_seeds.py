@@ -262,3 +262,19 @@ def test_bad_seed_inputs_are_one_line_errors(tmp_path, capsys):
     _write_run(tmp_path / "only", 0, _table({}), formed=False)
     with pytest.raises(HeadlabError, match="at least 2 runs"):
         reemergence([tmp_path / "only"], tmp_path / "r")
+
+
+def test_iteration_seeds_report_the_circuit_and_its_verdict(tmp_path):
+    out = toy(task="iteration", task_options={"min_bits": 1, "max_bits": 4, "rule": "polynomial", "modulus": 5,
+                                               "prefix_max": 2},
+              model=ToyConfig(n_layers=2, n_heads=1, d_model=16, attn_only=False), train=TINY_TRAIN,
+              detection=FAST_DETECT, logger="none", out=tmp_path / "it", seeds=2, stack_seeds=False)
+    per_seed = json.loads((out / "metrics.json").read_text())["per_seed"]
+    assert [row["seed"] for row in per_seed] == [0, 1]
+    for row in per_seed:
+        seed = json.loads((out / f"seed-{row['seed']}" / "metrics.json").read_text())
+        circuit = seed["circuit"]
+        assert 0 <= circuit["layer0_eoi_attention"] <= 1 and 0 <= circuit["layer1_diagonal"] <= 1
+        assert circuit["passed"] == (min(circuit["layer0_eoi_attention"], circuit["layer1_diagonal"]) >= 0.3)
+        assert seed["target"]["formed"] == (circuit["head_formed"] and circuit["passed"]) == row["formed"]
+        assert row["layer0_eoi_attention"] == circuit["layer0_eoi_attention"]

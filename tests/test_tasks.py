@@ -244,3 +244,45 @@ def test_iteration_polynomial_rule_follows_s_t_equals_s_prev_times_x_plus_one_mo
         assert ids[n + 1 : 2 * n + 1].tolist() == states and set(ids[2 * n + 1 :].tolist()) <= {12}
         assert [(int(q), int(k)) for q, k in mask.nonzero()] == [(n + t, t) for t in range(n)]
     assert lengths == {2, 3, 4, 5}  # every length of the range was drawn, so the recurrence was checked on each
+
+
+def test_iteration_filler_prefix_moves_x1_and_targets_and_mask_follow():
+    task = make_task("iteration", min_bits=1, max_bits=6, rule="polynomial", prefix_max=4)
+    sep, pad, fill = 11, 12, 13
+    assert task.vocab_size == 14 and task.seq_len == 4 + 2 * 6 + 1
+    batch = task.batch(256, seed=1)
+    prefixes, lengths = set(), set()
+    for ids, targets, mask in zip(batch["input_ids"].tolist(), batch["targets"].tolist(), batch["iteration_mask"]):
+        m = 0
+        while ids[m] == fill:
+            m += 1
+        e = ids.index(sep)
+        n = e - m
+        prefixes.add(m)
+        lengths.add(n)
+        assert fill not in ids[m:] and ids.count(sep) == 1
+        xs = ids[m:e]
+        assert all(1 <= x <= 10 for x in xs)
+        states, s = [], 0
+        for x in xs:
+            s = (s * x + 1) % 11
+            states.append(s)
+        assert ids[e + 1 : e + 1 + n] == states and set(ids[e + 1 + n :]) <= {pad}
+        # the loss covers only the steps after EoI: EoI predicts s_1, s_{t-1} predicts s_t, nothing else is a target
+        expected = [-100] * len(ids)
+        for t in range(1, n + 1):
+            expected[e + t - 1] = states[t - 1]
+        assert targets == expected
+        # the query predicting s_t (at e + t - 1) should read x_t (at m + t - 1)
+        assert [(int(q), int(k)) for q, k in mask.nonzero()] == [(e + t - 1, m + t - 1) for t in range(1, n + 1)]
+    assert prefixes == set(range(5)) and lengths == set(range(1, 7))
+
+
+def test_iteration_without_prefix_keeps_its_vocabulary_and_sequences():
+    plain, prefixed = make_task("iteration", min_bits=2, max_bits=5, prefix_max=0), make_task(
+        "iteration", min_bits=2, max_bits=5, prefix_max=3)
+    assert (plain.vocab_size, plain.seq_len, prefixed.vocab_size, prefixed.seq_len) == (4, 11, 5, 14)
+    ids = plain.batch(64, seed=0)["input_ids"]
+    assert int(ids.max()) <= 3 and (ids[:, 0] != 2).all()  # no filler token, x_1 at position 0
+    with pytest.raises(HeadlabError, match="prefix_max"):
+        make_task("iteration", prefix_max=-1)

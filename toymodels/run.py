@@ -29,6 +29,7 @@ from roles.mapping import Batches, DetectConfig, TargetSummary, map_heads, write
 from roles.null import NullStats, null_distribution
 from roles.rule import floor_of
 from roles.table import RoleTable
+from toymodels.circuits import CIRCUITS, IterationCircuit
 from toymodels.emergence import EmergenceTracker, emerged_steps, log_linear_schedule, phase_change_step
 from toymodels.mechanisms import MECHANISMS, MechanismTarget
 from toymodels.modeling import ToyTransformer
@@ -85,12 +86,14 @@ class SeedResult:
     metrics: dict[str, Any]
     table: RoleTable
     target: TargetSummary | MechanismTarget
+    circuit: IterationCircuit | None = None
 
     def lines(self) -> list[str]:
         m = self.metrics
         return [
             f"run: {self.out}",
             self.target.line(),
+            *([self.circuit.line()] if self.circuit else []),
             f"phase change at step {m['phase_change_step']}; final eval loss {m['final_eval']['loss']:.3f}, "
             f"accuracy {m['final_eval']['accuracy']:.3f}; {m['total_seconds']:.1f} s",
         ]
@@ -179,16 +182,22 @@ def finish_seed(run: SeedRun, the_task: Task, train_log: list[tuple[int, float]]
     steps, losses = [s.step for s in history], [s.eval_loss for s in history]
     phase = phase_change_step(steps, losses)
     target = TargetSummary.of(head_map, the_task.role, detection.min_effect)
+    d_head = config.model.hf_config(the_task.vocab_size, the_task.seq_len).head_dim
     if target.emerged_step is not None:
         target.emerged_seconds = next(s.seconds for s in history if s.step == target.emerged_step)
     mechanism = {}
     if the_task.name in MECHANISMS:  # a whole-model mechanism (modular addition's Fourier features) is the target
         target, mechanism["mechanism"] = MECHANISMS[the_task.name](net, the_task)
+    circuit = None
+    if the_task.name in CIRCUITS:  # the target also needs a circuit of heads (iteration: layer 0 attends to EoI)
+        floor = floor_of(the_task.role, d_head, detection.floors)
+        circuit = CIRCUITS[the_task.name](net, the_task, batches.detect, floor)
+        mechanism["circuit"] = {**circuit.as_dict(), "head_formed": target.formed}
+        target.formed = target.formed and circuit.passed
 
     publish_folder(run.out / "model", net.save_pretrained)  # complete or absent, never half-written
     write_map(run.out, head_map, f"{the_task.name}: functional heads")
     _write_curves(run)
-    d_head = config.model.hf_config(the_task.vocab_size, the_task.seq_len).head_dim
     floors = {role: floor_of(role, d_head, detection.floors) for role in history[-1].scores}
     plot_scores_over_steps(history, floors, run.out / "scores_over_steps.png")
     plot_loss(history, phase, run.out / "loss.png", pd.DataFrame(train_log, columns=["step", "loss"]))
@@ -209,7 +218,7 @@ def finish_seed(run: SeedRun, the_task: Task, train_log: list[tuple[int, float]]
         **(extra or {}),
     }
     atomic_write_json(run.out / "metrics.json", metrics)
-    return SeedResult(run.out, metrics, head_map.table, target)
+    return SeedResult(run.out, metrics, head_map.table, target, circuit)
 
 
 def log_to_wandb(run_logger, result: SeedResult) -> None:

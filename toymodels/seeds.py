@@ -14,6 +14,7 @@ resumes at the first unfinished seed; a directory holding a different config is 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -68,8 +69,20 @@ def train_seeds(the_task: Task, config: RunConfig) -> Path:
     report.summary["train_and_map_seconds"] = time.perf_counter() - started
     report.summary["stacked"] = stacked
     atomic_write_json(out / "seeds.json", report.summary)
-    atomic_write_json(out / "metrics.json", _sweepable(report.summary))
+    atomic_write_json(out / "metrics.json", {**_sweepable(report.summary), "per_seed": _per_seed(out, all_seeds)})
     return out
+
+
+def _per_seed(out: Path, seeds: list[int]) -> list[dict[str, Any]]:
+    """Each seed's verdict, accuracy and time, and its circuit's scores where the task has one (iteration)."""
+    rows = []
+    for s in seeds:
+        m = json.loads((out / f"seed-{s}" / "metrics.json").read_text())
+        circuit = {k: m["circuit"][k] for k in ("layer0_eoi_attention", "layer1_diagonal", "head_formed")
+                   if k in m.get("circuit", {})}
+        rows.append({"seed": s, "formed": bool(m["target"].get("formed")), **circuit,
+                     "accuracy": m["final_eval"]["accuracy"], "total_seconds": m["total_seconds"]})
+    return rows
 
 
 def _sweepable(summary: dict[str, Any]) -> dict[str, Any]:

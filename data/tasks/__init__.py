@@ -55,6 +55,8 @@ def make_task(name: str, **options: Any) -> Task:
         values = value if isinstance(value, (list, tuple)) else [value]
         for v in values:
             if isinstance(v, int) and not isinstance(v, bool) and not key.endswith("seed") and v < 1:
+                if key in cls.zero_options and v == 0:
+                    continue
                 raise HeadlabError(f"task '{name}': option {key}={value} must be a positive number")
     try:
         return cls(**options)

@@ -31,6 +31,7 @@ class Task(ABC):
     role: ClassVar[str]
     splits: ClassVar[tuple[str, ...]] = ("train",)
     eval_split: ClassVar[str] = "train"  # the split ablation effects are measured on
+    zero_options: ClassVar[frozenset[str]] = frozenset()  # count options that may be 0 (the rest must be >= 1)
 
     @property
     @abstractmethod

@@ -1,12 +1,20 @@
 """Iteration / parity with a chain of thought (Cabannes et al. 2024, "Iteration Head: A Mechanistic Study of
 Chain-of-Thought").
 
-Input: ``n`` random bits (``n`` uniform in ``min_bits..max_bits``), ``SEP``, then the chain of thought
-``s_1 .. s_n`` with ``s_t = s_{t-1} XOR x_t`` (``s_0 = 0``, so ``s_n`` is the parity), then ``PAD``. Every CoT
-step is a target: the position holding ``s_{t-1}`` (``SEP`` for ``t = 1``) predicts ``s_t``. Target head function:
+Input: ``n`` random bits (``n`` uniform in ``min_bits..max_bits``), ``SEP`` (the end of input, EoI), then the chain
+of thought ``s_1 .. s_n`` with ``s_t = s_{t-1} XOR x_t`` (``s_0 = 0``, so ``s_n`` is the parity), then ``PAD``. Every
+CoT step is a target, and nothing else is (the loss covers only the tokens after ``SEP``): the position holding
+``s_{t-1}`` (``SEP`` for ``t = 1``) predicts ``s_t``. Target head function:
 the iteration head, which at that position attends to the input bit ``x_t`` (``iteration_mask`` marks it),
 found by Cabannes et al. as a clean attention "diagonal". Metric: cross-entropy and accuracy of the CoT steps.
 Tokens: 0, 1 (bits and states), 2 = SEP, 3 = PAD.
+
+``prefix_max > 0`` puts a run of ``m`` filler tokens ``FILL`` (``m`` uniform in ``0..prefix_max``, a new token
+after ``PAD``) before ``x_1``, so that no absolute position tells where ``x_t`` is: with ``m = 0`` always (the
+default) ``x_1`` sits at position 0 and a layer-0 head can guess ``x_t`` from the query's position alone. With a
+prefix, ``x_t`` is at ``m + t - 1``, ``SEP`` at ``m + n``, and the query for ``s_t`` at ``m + n + t - 1``: the key
+is still ``query - n``. Cabannes et al. have no prefix (their sequences start with a task token); their lengths
+vary over ``1..n_len``, which moves ``SEP`` but not ``x_1``.
 
 ``rule="polynomial"`` is Cabannes et al.'s polynomial iteration instead of parity: inputs ``x_t`` uniform in
 ``1 .. modulus - 1``, ``s_t = s_{t-1} * x_t + 1 mod modulus`` (``s_0 = 0``; their ``modulus`` is 11), tokens
@@ -31,11 +39,13 @@ SEP, PAD = 2, 3
 class IterationTask(Task):
     name = "iteration"
     role = "iteration"
+    zero_options = frozenset({"prefix_max"})
 
     min_bits: int = 8
     max_bits: int = 16
     rule: str = "parity"
     modulus: int = 11
+    prefix_max: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_bits <= self.max_bits:
@@ -44,27 +54,38 @@ class IterationTask(Task):
             raise ValueError(f"rule {self.rule!r}: choose parity or polynomial")
         if self.modulus < 3:
             raise ValueError(f"modulus must be at least 3, got {self.modulus}")
+        if self.prefix_max < 0:
+            raise ValueError(f"prefix_max must be at least 0, got {self.prefix_max}")
 
     @property
     def n_symbols(self) -> int:
-        """Input/state token ids ``0 .. n_symbols - 1``; then SEP, PAD."""
+        """Input/state token ids ``0 .. n_symbols - 1``; then SEP, PAD (and FILL with a prefix)."""
         return 2 if self.rule == "parity" else self.modulus
 
     @property
+    def sep(self) -> int:
+        """The end-of-input token ``SEP`` (EoI)."""
+        return self.n_symbols
+
+    @property
     def vocab_size(self) -> int:
-        return self.n_symbols + 2
+        return self.n_symbols + (3 if self.prefix_max else 2)
 
     @property
     def seq_len(self) -> int:
-        return 2 * self.max_bits + 1
+        return self.prefix_max + 2 * self.max_bits + 1
 
     def _sample(self, batch_size: int, generator: torch.Generator, split: str) -> Batch:
         b, t = batch_size, self.seq_len
         n = uniform_int(self.min_bits, self.max_bits, b, generator)[:, None]  # [B, 1]
+        m = torch.zeros_like(n)
+        if self.prefix_max:
+            m = uniform_int(0, self.prefix_max, b, generator)[:, None]  # filler tokens before x_1
         pos = torch.arange(t)[None, :]  # [1, T]
-        sep, pad = self.n_symbols, self.n_symbols + 1
+        rel = pos - m  # position relative to x_1
+        sep, pad, fill = self.n_symbols, self.n_symbols + 1, self.n_symbols + 2
         if self.rule == "parity":
-            bits = randint(2, (b, t), generator) * (pos < n)  # x_1..x_n at positions 0..n-1
+            bits = randint(2, (b, t), generator) * (pos < n)  # x_1..x_n in columns 0..n-1
             states = bits.cumsum(dim=1) % 2  # states[:, k] = s_{k+1}
         else:
             bits = (1 + randint(self.modulus - 1, (b, t), generator)) * (pos < n)
@@ -73,12 +94,14 @@ class IterationTask(Task):
             for k in range(t):  # s_{k+1} = s_k * x_{k+1} + 1 (values past n are never read)
                 s = (s * bits[:, k] + 1) % self.modulus
                 states[:, k] = s
-        cot = states.gather(1, (pos - n - 1).clamp(min=0).expand(b, t))  # position n + t holds s_t
-        tokens = torch.where(pos < n, bits, torch.where(pos == n, sep, torch.where(pos <= 2 * n, cot, pad)))
-        is_query = (pos >= n) & (pos < 2 * n)  # positions predicting s_1 .. s_n
+        inputs = bits.gather(1, rel.clamp(min=0))  # x_{rel+1} at position m + rel
+        cot = states.gather(1, (rel - n - 1).clamp(min=0))  # position m + n + t holds s_t
+        tokens = torch.where(rel < n, inputs, torch.where(rel == n, sep, torch.where(rel <= 2 * n, cot, pad)))
+        tokens = torch.where(rel < 0, fill, tokens)
+        is_query = (rel >= n) & (rel < 2 * n)  # positions predicting s_1 .. s_n
         targets = torch.full_like(tokens, IGNORE)
         targets[:, :-1] = torch.where(is_query[:, :-1], tokens[:, 1:], IGNORE)
-        # the query at position n + t - 1 should attend to x_t at position t - 1: key = query - n
+        # the query at position m + n + t - 1 should attend to x_t at position m + t - 1: key = query - n
         key = pos[0][None, :, None] == (pos[0][None, None, :] + n[:, :, None])  # [B, T(query), T(key)]
         iteration_mask = key & is_query[:, :, None]
         return {"input_ids": tokens, "targets": targets, "iteration_mask": iteration_mask}
