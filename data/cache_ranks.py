@@ -109,9 +109,19 @@ def _rank_main(fabric, arguments: dict[str, Any], local_ranks: int) -> tuple[str
         logging.getLogger("headlab").setLevel(logging.WARNING)
     try:
         with contextlib.ExitStack() as stack:
-            return "ok", 0, str(_cache_share(fabric, arguments, stack))
+            outcome = "ok", 0, str(_cache_share(fabric, arguments, stack))
     except _RankFailed as failed:
-        return "error", failed.code, failed.message
+        outcome = "error", failed.code, failed.message
+    _close_group()  # every rank got here through the same collectives
+    return outcome
+
+
+def _close_group() -> None:
+    """Leave the process group together and tear it down: a rank that exits with gloo's threads still running
+    aborts ("terminate called without an active exception", SIGABRT), which CI saw once in two runs."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _agree(fabric, step: Callable[[], Any], share: bool = False) -> Any:
