@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.cache import sha256_of_array
-from data.cache_writer import PARTS, CacheWriter, part_manifest, save_npy
+from data.cache_writer import PARTS, CacheWriter, part_manifest
 from headlab.errors import HeadlabError
 from headlab.runs import atomic_write_json
 
@@ -75,21 +74,16 @@ class PartWriter(CacheWriter):
         shards = self.manifest["shards"]
         return shards[-1]["end_example"] if shards else self.lo
 
-    def add_shard(self, activations: np.ndarray, example: np.ndarray, token: np.ndarray, end_example: int) -> None:
-        index = len(self.manifest["shards"])
-        name = f"shards/p{self.lo:09d}-{index:05d}.npy"
-        save_npy(self.path / name.replace(".npy", ".rows.npy"), np.stack([example, token], 1).astype(np.int64))
-        digest = sha256_of_array(activations)
-        save_npy(self.path / name, activations)
-        self.manifest["shards"].append({"file": name, "rows": int(activations.shape[0]),
-                                        "start_example": self.examples_done, "end_example": int(end_example),
-                                        "sha256": digest})
+    def shard_name(self, index: int) -> str:
+        return f"shards/p{self.lo:09d}-{index:05d}.npy"
+
+    def save(self) -> None:
         atomic_write_json(self.file, self.manifest)
 
     def add_truncated(self, count: int) -> None:
         """Record how many of this part's examples were truncated (kept across a resume)."""
         self.manifest["truncated"] += int(count)
-        atomic_write_json(self.file, self.manifest)
+        self.save()
 
 
 def merge(writer: CacheWriter, ranges: list[tuple[int, int]]) -> int:

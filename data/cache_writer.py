@@ -126,8 +126,8 @@ class CacheWriter:
         index = len(self.manifest["shards"])
         if index == 0:
             self._mark()
-        name = f"shards/{index:05d}.npy"
-        save_npy(self.path / f"shards/{index:05d}.rows.npy", np.stack([example, token], 1).astype(np.int64))
+        name = self.shard_name(index)
+        save_npy(self.path / name.replace(".npy", ".rows.npy"), np.stack([example, token], 1).astype(np.int64))
         digest = sha256_of_array(activations)
         save_npy(self.path / name, activations)
         self.manifest["shards"].append({
@@ -138,7 +138,11 @@ class CacheWriter:
             "sha256": digest,
         })
         self.manifest["rows"] = int(sum(s["rows"] for s in self.manifest["shards"]))
-        atomic_write_json(self.path / MANIFEST, self.manifest)
+        self.save()
+
+    def shard_name(self, index: int) -> str:
+        """The file of shard ``index``, relative to the cache folder."""
+        return f"shards/{index:05d}.npy"
 
     def save(self) -> None:
         """Write the manifest as it stands (a data-parallel run does so before its ranks write their parts, so
@@ -154,7 +158,7 @@ class CacheWriter:
                                    f"{self.examples_done}; delete {self.path} and run the cache command again")
             self.manifest["shards"].append(dict(shard))
         self.manifest["rows"] = int(sum(s["rows"] for s in self.manifest["shards"]))
-        atomic_write_json(self.path / MANIFEST, self.manifest)
+        self.save()
 
     def finish(self, labels: Mapping[str, np.ndarray], extra: Mapping[str, np.ndarray] | None = None,
                **fields: Any) -> HeadCache:
