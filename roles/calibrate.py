@@ -106,7 +106,8 @@ def planted_detection(path: str, model: torch.nn.Module, role: str, roles: list[
     if (weights and path != "toy") or (target is None and not weights):
         return None
     planted_model = cases.plant_copying(model) if weights else model
-    planted = {**work, "attentions": cases.plant(work["attentions"], target)} if target is not None else work
+    share = cases.PLANT_BY_ROLE.get(role, cases.PLANT)
+    planted = {**work, "attentions": cases.plant(work["attentions"], target, share)} if target is not None else work
     needed = [role, *(r for r in roles if r != role and ALSO_REQUIRES.get(role) == r)]
     judged = apply_rule({**evidence, **{r: DETECTORS[r](planted_model, planted) for r in needed}}, d_head=D_HEAD)
     return bool(judged[role].detected[cases.PLANTED])

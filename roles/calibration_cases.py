@@ -22,6 +22,10 @@ HIDDEN = 32
 PATHS: tuple[str, ...] = ("toy", "gpt2", "gpt_neox", "llama", "bert")
 PLANT = 0.6
 """Share of the planted head's attention on the role's targets (its floor is 0.3)."""
+PLANT_BY_ROLE = {"operand_attention": 0.9}
+"""Roles whose planted head puts more on its targets: a trained operand head leaves ``=`` almost no attention and
+splits the rest over ``a`` and ``b`` (Nanda et al. 2023), and that role's floor is 0.6 of a chance-corrected score
+(:func:`roles.patterns.operand_attention`), which a 0.6 mix over a sharp random pattern cannot reach."""
 PLANTED = (1, 0)
 """(layer, head) of the planted head."""
 
@@ -157,15 +161,16 @@ def plant_copying(model: torch.nn.Module) -> torch.nn.Module:
     return planted
 
 
-def plant(patterns: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``patterns`` ``[batch, layer, head, query, key]`` with head :data:`PLANTED` mixed towards ``target``."""
+def plant(patterns: torch.Tensor, target: torch.Tensor, share: float = PLANT) -> torch.Tensor:
+    """``patterns`` ``[batch, layer, head, query, key]`` with head :data:`PLANTED` mixed towards ``target``, ``share``
+    of its attention on the targets."""
     out = patterns.clone()
     layer, head = PLANTED
     weights = target.float()
     has = weights.sum(-1, keepdim=True) > 0
     wanted = weights / weights.sum(-1, keepdim=True).clamp_min(1)
     own = out[:, layer, head]
-    out[:, layer, head] = torch.where(has, PLANT * wanted + (1 - PLANT) * own, own)
+    out[:, layer, head] = torch.where(has, share * wanted + (1 - share) * own, own)
     return out
 
 

@@ -31,7 +31,7 @@ import torch
 
 from headlab.errors import HeadlabError
 from headlab.runs import atomic_write_text
-from roles.ablation import AblationResult, is_functional, random_head_reference
+from roles.ablation import AblationResult, is_functional, random_head_reference, random_head_spread
 from roles.null import NullStats
 from roles.rule import Verdict
 
@@ -83,10 +83,12 @@ class RoleTable:
             for verdict in verdicts.values():
                 detected_any |= verdict.detected
             exact = ablation.exact if ablation.exact is not None else torch.ones_like(detected_any)
-            reference = random_head_reference(torch.where(exact, ablation.effect, torch.nan), detected_any)
+            measured = torch.where(exact, ablation.effect, torch.nan)
+            reference = random_head_reference(measured, detected_any)
+            spread = random_head_spread(measured, detected_any)
             for role, verdict in verdicts.items():
                 functional[role] = is_functional(ablation.effect, ablation.stderr, verdict.detected, reference,
-                                                 effect_sigma, min_effect) & exact
+                                                 effect_sigma, min_effect, spread) & exact
         rows = []
         for role, v in verdicts.items():
             stats = null.get(role)

@@ -15,13 +15,10 @@ from scipy.stats import binomtest
 from roles.calibrate import COLUMNS, main, upper95
 from roles.registry import DETECTORS
 
-MISCALIBRATED = {
-    "operand_attention": "random heads attend from '=' to 'a b' (2 of 3 keys, above the 0.3 floor) and prefer "
-                         "position 1 over position 2 consistently, so the paired test passes (~28-40% of pairs)",
-    "functional": "a random head's ablation effect exceeds the other heads' mean by 3 standard errors and 0.01 nats "
-                  "in 4 of 160 (head, model) pairs: heads of a random model do not matter equally",
-    "group": "a random pair beats 19 random pairs of the other heads in 2 of 20 random models (nominal alpha 0.05)",
-}
+MISCALIBRATED: dict[str, str] = {}
+"""Roles whose measured rate is over the bound (strict xfails, with the reason). Empty since operand attention
+reads both operands above chance, the functional criterion the other heads' spread, and the group criterion is a
+permutation test over all heads (each was 2.5-43% before)."""
 CRITERIA = {"truthfulness": 0.05, "functional": 0.01, "group": 0.05}  # nominal alpha where the rule has one
 
 

@@ -87,6 +87,28 @@ def test_iteration_score_reads_the_task_mask():
     assert scores.tolist() == pytest.approx([1.0, (1 / 4 + 1 / 5 + 1 / 6) / 3])
 
 
+def test_operand_attention_scores_both_operands_above_chance():
+    # rows: the attention of '=' (query 2) over [a, b, =]; the score is 2 (min(A_a, A_b) - A_=), worked by hand
+    rows = {"even split": ([0.5, 0.5, 0.0], 1.0), "uniform": ([1 / 3, 1 / 3, 1 / 3], 0.0),
+            "one operand": ([1.0, 0.0, 0.0], 0.0), "stays on =": ([0.0, 0.0, 1.0], -2.0),
+            "mostly both": ([0.4, 0.4, 0.2], 0.4)}
+    heads = []
+    for row, _ in rows.values():
+        pattern = torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0], row])
+        heads.append(pattern)
+    mask = torch.zeros(2, 3, 3, dtype=torch.bool)
+    mask[:, 2, :2] = True
+    batch = {"input_ids": torch.tensor([[4, 5, 9], [6, 7, 9]]), "operand_mask": mask,
+             "attentions": _stack(*heads).expand(2, -1, -1, -1, -1)}
+    evidence = DETECTORS["operand_attention"](None, batch)
+    assert evidence.score[0].tolist() == pytest.approx([want for _, want in rows.values()], abs=1e-6)
+    assert evidence.control[0].tolist() == pytest.approx([2 * row[2] for row, _ in rows.values()], abs=1e-6)
+    # the rule's floor (0.6) passes the even split only; uniform attention (2/3 on the operands) no longer passes
+    from roles.rule import FLOORS
+    assert [s >= FLOORS["operand_attention"] for s in evidence.score[0].tolist()] == [True, False, False, False,
+                                                                                      False]
+
+
 def _circuit_model(ov: list[torch.Tensor], vocab: int = 8) -> toymodels.ToyTransformer:
     """A 1-layer toy model with identity embedding and unembedding, whose head h has OV matrix ``ov[h]``."""
     config = toymodels.ToyTransformerConfig(

@@ -40,3 +40,39 @@ def test_group_verdict_known_answers():
     assert not alone.functional(min_effect=0.01)  # a group needs two heads
     small = GroupCheck([(1, 0), (1, 1)], effect=0.105, random_effects=[0.1] * 19)
     assert not small.functional(min_effect=0.01)  # significant but under the effect floor
+
+
+def test_sequential_p_value_stops_at_ten_hits_and_reports_hits_over_draws():
+    # Besag & Clifford 1991: stopped after l draws with h = 10 hits, p = h / l; the planned draws set the floor
+    stopped = GroupCheck([(0, 0), (0, 1)], effect=1.0, random_effects=[2.0] * 10 + [0.5] * 10, planned=99)
+    assert stopped.p_value == pytest.approx(10 / 20)
+    assert stopped.min_attainable_p == pytest.approx(1 / 100)
+    finished = GroupCheck([(0, 0), (0, 1)], effect=1.0, random_effects=[2.0] * 3 + [0.5] * 96, planned=99)
+    assert finished.p_value == pytest.approx(4 / 100)  # all draws made: (1 + hits) / (1 + n)
+
+
+def test_small_models_get_every_other_group_once_and_large_ones_uniform_draws():
+    from itertools import combinations
+
+    from roles.mapping import random_groups
+
+    pair = [(0, 0), (1, 3)]
+    exact = random_groups(pair, (2, 4), draws=99, seed=0)  # C(8, 2) = 28 groups: the 27 others, each once
+    assert sorted(tuple(sorted(g)) for g in exact) == sorted(g for g in combinations(
+        [(a, b) for a in range(2) for b in range(4)], 2) if list(g) != pair)
+    drawn = random_groups(pair, (4, 8), draws=99, seed=0)  # C(32, 2) = 496 > 100: Monte Carlo
+    assert len(drawn) == 99 and all(len(set(g)) == 2 for g in drawn)
+    # drawn from *all* heads, the detected ones included (a permutation test): over 99 pairs of 32 heads, a pair
+    # holds (0, 0) with probability 1/16, so P(none of 99 does) = (15/16)^99 ~ 0.002
+    assert any((0, 0) in g for g in drawn)
+
+
+def test_too_few_random_groups_for_alpha_are_refused_at_configuration():
+    from headlab.errors import HeadlabError
+    from roles.mapping import DetectConfig
+
+    with pytest.raises(HeadlabError, match="random_groups 2 .* pass --detection.random_groups 19"):
+        DetectConfig(random_groups=2)
+    assert DetectConfig(random_groups=19).random_groups == 19  # 1/20 <= 0.05
+    with pytest.raises(HeadlabError, match="random_groups 19"):
+        DetectConfig(random_groups=19, alpha=0.01)

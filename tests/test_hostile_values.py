@@ -62,7 +62,7 @@ def bases(tmp_path_factory) -> dict[str, list[str]]:
     toy = ["--task", "induction", "--task_options", '{"vocab": 12, "length": 16, "min_segment": 3, "max_segment": 6}',
            "--model.n_layers", "1", "--model.d_model", "16", "--train.steps", "2", "--train.track_every", "2",
            "--train.eval_batch_size", "8", "--detection.batch_size", "4", "--detection.n_null", "2",
-           "--detection.n_random", "2", "--detection.random_groups", "2", "--logger", "none"]
+           "--detection.n_random", "2", "--detection.random_groups", "19", "--logger", "none"]
     return {
         "cache": ["cache", "--model", str(model), "--dataset", str(data), "--batch_size", "4"],
         "probe": ["probe", "--cache", str(cache.path), "--logger", "none", "--control.permutations", "20",
@@ -70,7 +70,7 @@ def bases(tmp_path_factory) -> dict[str, list[str]]:
         "toy": ["toy", *toy],
         "detect": ["detect", "--model", str(model), "--task", "induction", "--length", "16",
                    "--detection.batch_size", "2", "--detection.n_null", "2", "--detection.n_random", "2",
-                   "--detection.random_groups", "2", "--detection.eval_batch_size", "2",
+                   "--detection.random_groups", "19", "--detection.eval_batch_size", "2",
                    "--detection.group_batch_size", "2"],
     }
 

@@ -29,7 +29,7 @@ def test_detect_maps_every_tiny_architecture(arch, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["detect", "--model", str(path), "--task", "induction", "--out", str(out), "--length", "24",
                  "--detection.batch_size", "4", "--detection.eval_batch_size", "4", "--detection.n_null", "2",
-                 "--detection.random_groups", "2"]) == 0
+                 "--detection.random_groups", "19"]) == 0
     roles = pd.read_csv(out / "roles.csv")
     assert list(roles.columns[: len(CONTRACT)]) != [] and set(CONTRACT) <= set(roles.columns)
     assert len(roles) == roles["role"].nunique() * 2 * 4  # one row per (layer, head, role)

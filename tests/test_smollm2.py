@@ -43,7 +43,7 @@ def test_detect_on_smollm2_finds_induction_heads_in_the_middle_layers(tmp_path, 
     out = tmp_path / "detect"
     assert main(["detect", "--model", "smollm2", "--task", "induction", "--out", str(out),
                  "--detection.batch_size", "16", "--detection.eval_batch_size", "8", "--detection.n_null", "0",
-                 "--detection.random_groups", "4", "--detection.top_k", "8", "--detection.n_random", "4"]) == 0
+                 "--detection.random_groups", "19", "--detection.top_k", "8", "--detection.n_random", "4"]) == 0
     roles = pd.read_csv(out / "roles.csv")
     assert {"layer", "head", "role", "score", "detected", "functional", "ablation_effect"} <= set(roles.columns)
     assert len(roles) == roles["role"].nunique() * 30 * 9

@@ -17,6 +17,7 @@ from roles.ablation import (
     group_effect,
     is_functional,
     random_head_reference,
+    random_head_spread,
 )
 
 
@@ -131,6 +132,24 @@ def test_functional_heads_beat_heads_without_a_function_by_more_than_their_noise
     assert random_head_reference(effect, torch.ones(2, 2, dtype=torch.bool)) == 0.0
     tiny = is_functional(torch.full((1, 1), 0.005), torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), 0.0)
     assert not bool(tiny)  # below the min_effect floor even with zero noise
+
+
+def test_functional_heads_must_also_stand_out_from_the_other_heads_spread():
+    # 7 heads without a function: effects 0.0 .. 0.6 (mean 0.3, sample sd 0.2160); two detected heads, no noise
+    others = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    effect = torch.tensor([others + [1.42, 1.45]])
+    stderr = torch.zeros(1, 9)
+    detected = torch.tensor([[False] * 7 + [True, True]])
+    s, n = random_head_spread(effect, detected)
+    assert (s, n) == (pytest.approx(0.21602469, rel=1e-6), 7)
+    # margin: the one-sided prediction bound at the normal tail of 3 sigma, t_6(0.99865) * s * sqrt(1 + 1/7),
+    # with t_6(0.99865) = 4.9041 (a t table; a normal quantile, 3, would give a margin of 0.693): margin 1.1325
+    margin = 4.9041 * 0.21602469 * (1 + 1 / 7) ** 0.5
+    with_spread = is_functional(effect, stderr, detected, 0.3, n_sigma=3.0, spread=(s, n))
+    assert 1.42 - 0.3 < margin < 1.45 - 0.3
+    assert with_spread.tolist() == [[False] * 7 + [False, True]]  # 1.12 above the mean is inside, 1.15 outside
+    without = is_functional(effect, stderr, detected, 0.3, n_sigma=3.0)
+    assert without.tolist() == [[False] * 7 + [True, True]]  # noise alone (zero here) would call both functional
 
 
 def test_group_ablation_equals_zeroing_all_heads_weights():

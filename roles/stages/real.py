@@ -89,7 +89,7 @@ def knowledge_map(loaded: LoadedModel, cfg: DetectConfig, seed: int, ablate: boo
 
 def _group_summary(check: GroupCheck, cfg: DetectConfig) -> dict:
     return {"heads": [list(h) for h in check.heads], "effect": check.effect, "random_mean": check.reference,
-            "p_value": check.p_value, "min_attainable_p": 1 / (1 + len(check.random_effects)),
+            "p_value": check.p_value, "min_attainable_p": check.min_attainable_p,
             "functional": check.functional(cfg.min_effect, cfg.alpha)}
 
 

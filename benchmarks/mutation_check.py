@@ -1,0 +1,227 @@
+"""Mutation check of the modules holding the statistical rules: does some test fail when the rule is changed?
+
+``python benchmarks/mutation_check.py [--sample N] [--seed S] [--out report.csv]``
+
+Each mutant changes one operator or constant of one module (``<`` to ``<=``, ``+`` to ``-``, ``and`` to ``or``,
+a ``not`` dropped, a number ``n`` to ``n + 1``, ``True`` to ``False``; docstrings are left alone). The modules and
+their heavy imports are loaded once; each mutant then runs in a forked child that executes the mutated source
+into the loaded module, rebinds every name other modules imported from it, and runs the rule tests
+(:data:`TESTS`) with ``pytest -x``. A mutant is **killed** when a test fails, **survived** when all pass, and
+**explained** when it survived and :data:`EXPLAINED` says why no test can see it (an equivalent mutant, or one
+only slow end-to-end tests see). The script prints one line per mutant and a summary line
+``mutants=N killed=K explained=E survived=S score=K/(N-E)``; exit 1 when any unexplained mutant survives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import importlib
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = {"roles/rule.py": "roles.rule", "roles/evidence.py": "roles.evidence",
+           "headlab/statistics.py": "headlab.statistics", "probes/metrics.py": "probes.metrics"}
+TESTS = ["tests/test_statistics.py", "tests/test_detectors.py", "tests/test_group_criterion.py"]
+
+EXPLAINED: dict[str, str] = {
+    "headlab/statistics.py:paired_greater_p:Gt->GtE:3": "flat = ~(sd > 0) vs ~(sd >= 0): sd >= 0 always holds for "
+    "a real column, so only NaN spreads count as flat either way, and a NaN spread comes with n < 2, answered 1",
+    "headlab/statistics.py:draws_for:Constant 1e-09->1.000000001": "the tolerance only guards 1/alpha - 1 being "
+    "an integer plus rounding error; any tolerance far below 1 gives the same counts",
+    "probes/metrics.py:r2:Constant 1e-300->1.000000000001e-300": "a floor against a constant target; 1e-300 and "
+    "its neighbour give the same result for any real data",
+    "probes/metrics.py:permutation_pvalues:Constant 1e-06->1.000001": "the float32 tolerance; unchanged for "
+    "counts of correct rows, which are integers",
+}
+"""Surviving mutants no fast test can see, each with the reason (key: ``file:function:change:occurrence``)."""
+
+COMPARE = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq}
+BINARY = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
+          ast.Pow: ast.Mult}
+
+
+@dataclass(frozen=True)
+class Mutant:
+    path: str
+    index: int  # which mutation site of the file, in walk order
+    line: int
+    function: str
+    change: str
+    occurrence: int  # the how-many-th identical change in that function
+
+    @property
+    def key(self) -> str:
+        return f"{self.path}:{self.function}:{self.change}:{self.occurrence}"
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    out = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and \
+                isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            out.add(id(body[0].value))
+    return out
+
+
+def _sites(tree: ast.AST) -> list[tuple[ast.AST, str, object]]:
+    """(node, change, how) of every mutation site, in a fixed walk order."""
+    skip = _docstrings(tree)
+    sites = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            for k, op in enumerate(node.ops):
+                if type(op) in COMPARE:
+                    sites.append((node, f"{type(op).__name__}->{COMPARE[type(op)].__name__}", ("compare", k)))
+        elif isinstance(node, ast.BinOp) and type(node.op) in BINARY:
+            sites.append((node, f"{type(node.op).__name__}->{BINARY[type(node.op)].__name__}", ("binary",)))
+        elif isinstance(node, ast.BoolOp):
+            other = "Or" if isinstance(node.op, ast.And) else "And"
+            sites.append((node, f"{type(node.op).__name__}->{other}", ("bool",)))
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.Not, ast.USub, ast.Invert)):
+            sites.append((node, f"drop {type(node.op).__name__}", ("unary",)))
+        elif isinstance(node, ast.Constant) and id(node) not in skip and not isinstance(node.value, str):
+            if isinstance(node.value, bool):
+                sites.append((node, f"Constant {node.value}->{not node.value}", ("constant", not node.value)))
+            elif isinstance(node.value, (int, float)):
+                new = node.value + 1
+                sites.append((node, f"Constant {node.value!r}->{new!r}", ("constant", new)))
+    return sites
+
+
+class _Apply(ast.NodeTransformer):
+    def __init__(self, target: ast.AST, how: tuple):
+        self.target, self.how = target, how
+
+    def visit(self, node: ast.AST) -> ast.AST:
+        if node is not self.target:
+            return self.generic_visit(node)
+        kind = self.how[0]
+        if kind == "compare":
+            node.ops[self.how[1]] = COMPARE[type(node.ops[self.how[1]])]()
+        elif kind == "binary":
+            node.op = BINARY[type(node.op)]()
+        elif kind == "bool":
+            node.op = ast.Or() if isinstance(node.op, ast.And) else ast.And()
+        elif kind == "unary":
+            return node.operand
+        elif kind == "constant":
+            node.value = self.how[1]
+        return node
+
+
+def _functions(tree: ast.AST) -> dict[int, str]:
+    """id(node) -> the name of the innermost function holding it ("<module>" outside any)."""
+    owner: dict[int, str] = {}
+
+    def walk(node: ast.AST, name: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else name
+            owner[id(child)] = inner
+            walk(child, inner)
+    walk(tree, "<module>")
+    return owner
+
+
+def mutants() -> list[Mutant]:
+    out = []
+    for path in MODULES:
+        tree = ast.parse((ROOT / path).read_text())
+        owner = _functions(tree)
+        seen: dict[tuple[str, str], int] = {}
+        for index, (node, change, _) in enumerate(_sites(tree)):
+            function = owner.get(id(node), "<module>")
+            occurrence = seen.get((function, change), 0)
+            seen[(function, change)] = occurrence + 1
+            out.append(Mutant(path, index, getattr(node, "lineno", 0), function, change, occurrence))
+    return out
+
+
+def mutated_source(mutant: Mutant) -> str:
+    tree = ast.parse((ROOT / mutant.path).read_text())
+    node, _, how = _sites(tree)[mutant.index]
+    return ast.unparse(ast.fix_missing_locations(_Apply(node, how).visit(tree)))
+
+
+def _install(mutant: Mutant) -> None:
+    """Execute the mutated source into the loaded module and rebind the names other modules took from it."""
+    module = importlib.import_module(MODULES[mutant.path])
+    before = dict(vars(module))
+    code = compile(mutated_source(mutant), str(ROOT / mutant.path), "exec")
+    exec(code, vars(module))  # noqa: S102 - the mutated copy of our own module
+    swaps = {id(old): vars(module)[name] for name, old in before.items()
+             if callable(old) and name in vars(module) and vars(module)[name] is not old}
+    for other in list(sys.modules.values()):
+        space = getattr(other, "__dict__", None)
+        if other is module or not isinstance(space, dict):
+            continue
+        for name, value in list(space.items()):
+            if id(value) in swaps and callable(value):
+                space[name] = swaps[id(value)]
+
+
+def run_one(mutant: Mutant) -> str:
+    """``killed`` or ``survived`` (a forked child runs the tests against the mutant)."""
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 3
+        try:
+            import pytest
+
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            _install(mutant)
+            code = int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", "-m", "not slow", *TESTS]))
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return "survived" if os.waitstatus_to_exitcode(status) == 0 else "killed"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sample", type=int, default=0, help="mutants drawn at random (0: every mutant)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="CSV report: one row per mutant")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    os.chdir(ROOT)
+    sys.path.insert(0, str(ROOT))
+    for name in MODULES.values():  # heavy imports once, in the parent
+        importlib.import_module(name)
+    import sklearn.metrics  # noqa: F401
+    import torch  # noqa: F401
+
+    todo = mutants()
+    if args.sample:
+        todo = random.Random(args.seed).sample(todo, min(args.sample, len(todo)))
+    rows, counts = [], {"killed": 0, "explained": 0, "survived": 0}
+    for mutant in todo:
+        outcome = run_one(mutant)
+        if outcome == "survived" and mutant.key in EXPLAINED:
+            outcome = "explained"
+        counts[outcome] += 1
+        rows.append({"key": mutant.key, "line": mutant.line, "outcome": outcome,
+                     "reason": EXPLAINED.get(mutant.key, "")})
+        print(f"{outcome:9s} {mutant.path}:{mutant.line} {mutant.function} {mutant.change}", flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["key", "line", "outcome", "reason"])
+            writer.writeheader()
+            writer.writerows(rows)
+    judged = len(todo) - counts["explained"]
+    print(f"mutants={len(todo)} killed={counts['killed']} explained={counts['explained']} "
+          f"survived={counts['survived']} score={counts['killed']}/{judged}")
+    return 1 if counts["survived"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
