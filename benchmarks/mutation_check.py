@@ -1,6 +1,6 @@
 """Mutation check of the modules holding the statistical rules: does some test fail when the rule is changed?
 
-``python benchmarks/mutation_check.py [--sample N] [--seed S] [--out report.csv]``
+``python benchmarks/mutation_check.py [--sample N] [--seed S] [--module FILE] [--out report.csv]``
 
 Each mutant changes one operator or constant of one module (``<`` to ``<=``, ``+`` to ``-``, ``and`` to ``or``,
 a ``not`` dropped, a number ``n`` to ``n + 1``, ``True`` to ``False``; docstrings are left alone). The modules and
@@ -166,7 +166,7 @@ def _install(mutant: Mutant) -> None:
                 space[name] = swaps[id(value)]
 
 
-def run_one(mutant: Mutant) -> str:
+def run_one(mutant: Mutant, tests: list[str] = TESTS) -> str:
     """``killed`` or ``survived`` (a forked child runs the tests against the mutant)."""
     pid = os.fork()
     if pid == 0:  # child
@@ -178,7 +178,7 @@ def run_one(mutant: Mutant) -> str:
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
             _install(mutant)
-            code = int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", "-m", "not slow", *TESTS]))
+            code = int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", "-m", "not slow", *tests]))
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample", type=int, default=0, help="mutants drawn at random (0: every mutant)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="CSV report: one row per mutant")
+    parser.add_argument("--module", choices=sorted(MODULES), default=None, help="mutate this file only")
+    parser.add_argument("--tests", nargs="+", default=TESTS, help="test files run against each mutant")
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.chdir(ROOT)
@@ -199,12 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     import sklearn.metrics  # noqa: F401
     import torch  # noqa: F401
 
-    todo = mutants()
+    todo = [m for m in mutants() if args.module in (None, m.path)]
     if args.sample:
         todo = random.Random(args.seed).sample(todo, min(args.sample, len(todo)))
     rows, counts = [], {"killed": 0, "explained": 0, "survived": 0}
     for mutant in todo:
-        outcome = run_one(mutant)
+        outcome = run_one(mutant, args.tests)
         if outcome == "survived" and mutant.key in EXPLAINED:
             outcome = "explained"
         counts[outcome] += 1

@@ -10,7 +10,11 @@ a randomly initialised model (which has no head functions) a role, and how often
 * ``power``: planted heads detected / planted heads (one planted head per random model, see
   :mod:`roles.calibration_cases`); empty where the role has no planted control (printed as a note).
 
-Cases are in :mod:`roles.calibration_cases`. The bound the rule claims (:mod:`roles.rule`): at most 1% of
+Paths: ``toy``, ``gpt2``, ``gpt_neox``, ``llama`` (grouped-query) and ``bert`` score the task batches of the toy
+tasks; ``llama_text`` scores the real-text batches ``detect`` and ``stages`` build from a tokenizer
+(:mod:`roles.calibrate_text`); ``probe`` is the truthfulness probe on shuffled-label caches; the ``functional`` and
+``group`` rows are the causal criteria (:mod:`roles.calibrate_causal`). Cases are in :mod:`roles.calibration_cases`.
+The bound the rule claims (:mod:`roles.rule`): at most 1% of
 (head, role) pairs of random models detected.
 """
 
@@ -21,6 +25,7 @@ import csv
 import io
 import sys
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -28,6 +33,7 @@ from scipy.stats import beta
 
 from headlab.errors import HeadlabError
 from headlab.runs import atomic_write_text
+from roles import calibrate_text as text
 from roles import calibration_cases as cases
 from roles.calibrate_causal import causal_counts, plant_self_copy
 from roles.calibrate_probe import truthfulness_counts
@@ -58,13 +64,23 @@ def roles_on(path: str, group: str) -> tuple[list[str], list[str]]:
 
 
 @torch.no_grad()
-def measure_group(path: str, group: str, roles: list[str], models: int) -> dict[str, dict[str, int]]:
-    """False positives and planted detections of ``roles`` on ``models`` random models of ``path``."""
-    batch = cases.group_batch(group, cases.batch_size())
-    vocab = cases.vocab_of(batch)
+def measure_group(path: str, group: str, roles: list[str], models: int, tokenizer: Any = None
+                  ) -> dict[str, dict[str, int]]:
+    """False positives and planted detections of ``roles`` on ``models`` random models of ``path`` (the real-text
+    path, :mod:`roles.calibrate_text`, needs the ``tokenizer``)."""
+    if path == text.PATH:
+        def make(seed: int) -> torch.nn.Module:
+            return text.text_model(seed, tokenizer)
+        batch = text.text_batch(group, tokenizer, make(0), cases.batch_size())
+    else:
+        batch = cases.group_batch(group, cases.batch_size())
+        vocab = cases.vocab_of(batch)
+
+        def make(seed: int) -> torch.nn.Module:
+            return cases.random_model(path, seed, vocab)
     counts = {role: {"tests": 0, "fp": 0, "planted": 0, "found": 0} for role in roles}
     for seed in range(models):
-        model = cases.random_model(path, seed, vocab)
+        model = make(seed)
         work = dict(batch)
         if any(role in PATTERN_DETECTORS for role in roles):
             work["attentions"] = attention_patterns(model, batch["input_ids"])
@@ -120,17 +136,26 @@ def row(role: str, path: str, c: dict[str, int]) -> dict:
             "rate": f"{c['fp'] / c['tests']:.4f}", "upper95": f"{upper95(c['fp'], c['tests']):.4f}", "power": power}
 
 
-def calibrate(models: int, caches: int = 0, causal: int = 0,
+def calibrate(models: int, caches: int = 0, causal: int = 0, text_models: int = 0,
               paths: Sequence[str] = cases.PATHS) -> tuple[list[dict], list[str]]:
     """Rows of the calibration table and the notes on what is not measured: ``models`` random models per path for
-    the detectors, ``caches`` shuffled and planted head caches for the truthfulness probe (0: no probe row),
-    ``causal`` random and planted toy models for the functional and group criteria (0: no rows)."""
+    the detectors, ``text_models`` for the real-text path (0: none), ``caches`` shuffled and planted head caches for
+    the truthfulness probe (0: no probe row), ``causal`` random and planted toy models for the functional and group
+    criteria (0: no rows)."""
     rows, notes = [], []
     for path in paths:
         for group in cases.GROUPS:
             roles, skipped = roles_on(path, group)
             notes += skipped
             rows += [row(role, path, c) for role, c in measure_group(path, group, roles, models).items()]
+    if text_models:
+        tokenizer, why = text.text_tokenizer()
+        notes += [why] if why else []
+        for group in text.GROUPS if tokenizer is not None else ():
+            roles, skipped = roles_on(text.PATH, group)
+            notes += skipped
+            rows += [row(role, text.PATH, c)
+                     for role, c in measure_group(text.PATH, group, roles, text_models, tokenizer).items()]
     if caches:
         rows.append(row("truthfulness", "probe", truthfulness_counts(caches)))
     if causal:
@@ -190,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
-    rows, notes = calibrate(args.models, caches=10 if args.quick else 25, causal=20 if args.quick else 60)
+    rows, notes = calibrate(args.models, caches=10 if args.quick else 25, causal=20 if args.quick else 60,
+                            text_models=20 if args.quick else 50)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "calibration.csv", to_csv(rows))
     print(to_table(rows))

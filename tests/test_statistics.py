@@ -103,6 +103,18 @@ def test_attention_evidence_pairs_each_target_with_its_control_key():
     assert e.score.item() == pytest.approx((0.8 + 0.6) / 2)
 
 
+def test_attention_evidence_averages_the_queries_of_a_sequence():
+    # two queries with a matched pair in one sequence: the sample is the mean of their differences
+    patterns = torch.zeros(1, 1, 1, 4, 4)
+    patterns[0, 0, 0, 2] = torch.tensor([0.2, 0.7, 0.1, 0.0])  # query 2: target 1, control 0
+    patterns[0, 0, 0, 3] = torch.tensor([0.1, 0.1, 0.5, 0.3])  # query 3: target 2, control 1
+    target = torch.zeros(1, 4, 4, dtype=torch.bool)
+    target[0, 2, 1] = target[0, 3, 2] = True
+    e = attention_evidence(patterns, target, -1, torch.ones(1, 4, 4, dtype=torch.bool).tril(-1))
+    assert e.differences.item() == pytest.approx(((0.7 - 0.2) + (0.5 - 0.1)) / 2)
+    assert e.control.item() == pytest.approx((0.2 + 0.1) / 2)
+
+
 def test_indicator_evidence_rates_and_differences():
     hits = torch.tensor([[1, 1, 0, 1]])
     control = torch.tensor([[0, 1, 0, 0]])
@@ -151,6 +163,55 @@ def test_amplification_excludes_heads_that_are_memory_heads():
     assert out["amplification"].detected.tolist() == [[False, True]]
 
 
+def test_a_memory_head_needs_its_answer_writing_half_to_pass_its_own_test():
+    attends = np.full((8, 1, 1), 1.0) + RNG.normal(0, 0.1, (8, 1, 1))
+    noisy = np.array([1.0, -1.0] * 4)[:, None, None]  # a share above the floor on average, no consistent preference
+    evidence = {"memory": _evidence([0.9], attends), "amplification": _evidence([0.9], noisy)}
+    out = apply_rule(evidence, d_head=8)
+    assert not out["amplification"].detected.item() and not out["memory"].detected.item()
+    evidence["amplification"] = _evidence([0.9], attends)
+    assert apply_rule(evidence, d_head=8)["memory"].detected.item()
+
+
+def test_partner_floor_is_inclusive_and_a_missing_partner_fails():
+    flat = np.full((6, 1, 1), 1.0) + RNG.normal(0, 0.5, (6, 1, 1))
+    on_floor = {"name_mover": _evidence([0.9], flat), "name_copy": _evidence([FLOORS["name_copy"]], flat)}
+    assert apply_rule(on_floor, d_head=8)["name_mover"].detected.item()  # score >= floor
+    assert not apply_rule({"name_mover": _evidence([0.9], flat)}, d_head=8)["name_mover"].detected.item()
+    # a role whose excluding role was not measured keeps its own verdict
+    assert apply_rule({"amplification": _evidence([0.9], flat)}, d_head=8)["amplification"].detected.item()
+
+
+def test_each_role_gets_its_own_slice_of_the_correction():
+    strong = np.full((8, 1, 2), 1.0) + RNG.normal(0, 0.1, (8, 1, 2))
+    weak = RNG.normal(0.1, 1.0, (8, 1, 3))
+    out = apply_rule({"induction": _evidence([0.9, 0.9], strong), "previous_token": _evidence([0.9] * 3, weak)},
+                     d_head=8)
+    raw = np.concatenate([paired_greater_p(strong).ravel(), paired_greater_p(weak).ravel()])
+    expected = false_discovery_control(raw)
+    assert out["induction"].p_adjusted.numpy().ravel() == pytest.approx(expected[:2], rel=1e-5)
+    assert out["previous_token"].p_adjusted.numpy().ravel() == pytest.approx(expected[2:], rel=1e-5)
+
+
+def test_floors_are_the_documented_calibrated_values():
+    # README "When is a head an X head?": attention shares 0.3, operand attention 0.6 of its chance-corrected score,
+    # rates 0.5 (a majority of tokens), amplification 5% of the logit margin
+    assert FLOORS == {"previous_token": 0.3, "duplicate_token": 0.3, "induction": 0.3, "attention_sink": 0.3,
+                      "iteration": 0.3, "operand_attention": 0.6, "name_mover": 0.3, "memory": 0.3, "successor": 0.5,
+                      "name_copy": 0.5, "amplification": 0.05}
+
+
+def test_verdicts_and_evidence_are_immutable():
+    import dataclasses
+
+    e = _evidence([0.5], np.ones((3, 1, 1)))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        e.score = torch.zeros(1, 1)
+    verdict = apply_rule({"induction": e}, d_head=8)["induction"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        verdict.detected = torch.ones(1, 1, dtype=torch.bool)
+
+
 def test_rule_alpha_is_strict():
     d = np.tile(np.array([[1.0]]), (3, 1, 1)) + np.array([0.0, 0.5, -0.5])[:, None, None]
     p = float(paired_greater_p(d).item())
@@ -173,6 +234,9 @@ def test_probe_point_metrics_match_scikit_learn():
     pred = metrics.predictions(logits, "multiclass")
     for h in range(2):
         assert metrics.macro_f1(pred, y3, 3)[h] == pytest.approx(f1_score(y3, pred[:, h], average="macro"))
+    # one class only, in labels and predictions: macro-F1 is that class's F1 (1), not half of it
+    assert metrics.macro_f1(np.ones((5, 1), np.int64), np.ones(5, np.int64), 2)[0] == pytest.approx(
+        f1_score(np.ones(5), np.ones(5), average="macro"))
     target = RNG.normal(0, 1, 40)
     guess = target[:, None] + RNG.normal(0, 0.5, (40, 2))
     assert metrics.r2(guess, target) == pytest.approx([r2_score(target, guess[:, h]) for h in range(2)])

@@ -32,7 +32,7 @@ from roles.mapping import DetectConfig
 from roles.stages.controls import check_entries
 from roles.stages.report import StageEntry, plot_stage_map, report_lines
 from roles.stages.sources import ROW_COLUMNS, ModelHeads, load_toy_run, map_hf_model, resolve_toy_runs
-from roles.stages.taxonomy import STAGE_ORDER, stage_table
+from roles.stages.taxonomy import SELF_CONTRADICTIONS, STAGE_ORDER, stage_table
 from roles.stages.types import TYPE_COLUMNS
 
 
@@ -167,6 +167,7 @@ def _write(out: Path, heads: list[ModelHeads], stage_of: dict[str, str], started
         "checks": checks,
         "stage_map": stage_of,
         "stage_order": list(STAGE_ORDER),
+        "taxonomy_notes": SELF_CONTRADICTIONS,
         "relative_depth": "(layer + 0.5) / n_layers",
         "models": [e.as_dict() for e in all_entries],
         "toy_groups": groups,

@@ -42,6 +42,8 @@ class HeadType:
 SURVEY: tuple[HeadType, ...] = (
     HeadType("Memory head", "KR", "recalls parametric knowledge into the residual stream, given the context",
              ("memory",)),
+    HeadType("Subject / relation head", "KR", "attends to the subject (or the relation) and extracts its attributes "
+             "(Chughtai et al. 2024, 'Summing up the facts')"),
     HeadType("Constant / single-letter head", "KR", "spreads attention evenly over the options of a multiple-choice "
              "question, or focuses on a single candidate"),
     HeadType("Previous / positional head", "ICI", "captures positional relations between tokens",
@@ -69,6 +71,16 @@ SURVEY: tuple[HeadType, ...] = (
     HeadType("Faithfulness head", "EP", "keeps the final output consistent with the chain of thought"),
 )
 """The survey's head types in its four stages (Zheng et al. 2024; the reading note in ``shared/seeds``)."""
+
+SELF_CONTRADICTIONS: dict[str, str] = {
+    "Subject / relation head": "the survey's ICI table lists subject and relation heads under In-Context "
+    "Identification, while its IOI walk-through (section 'How do attention heads work together?'; the reading note "
+    "in shared/seeds, line 185: 'Subject Head (KR) -> Duplicate Head (ICI) -> ...') places them in Knowledge "
+    "Recalling. headlab labels them KR: they retrieve the subject's attributes from the weights, which is the KR "
+    "stage's own definition, not a relation among the context's tokens (shared/research/stage_checks_and_toys.md, "
+    "section 3, 'Label inconsistency').",
+}
+"""Head types the survey places in two stages, the stage headlab uses and why (printed by ``stages``' notes)."""
 
 STAGES: dict[str, str] = {role: t.stage for t in SURVEY for role in t.roles}
 """role -> survey stage, from :data:`SURVEY`."""
