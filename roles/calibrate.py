@@ -89,7 +89,7 @@ def measure_group(path: str, group: str, roles: list[str], models: int, tokenize
         for role in roles:
             counts[role]["tests"] += verdicts[role].detected.numel()
             counts[role]["fp"] += int(verdicts[role].detected.sum())
-            found = planted_detection(path, model, role, roles, work, evidence)
+            found = planted_detection(path, model, role, roles, work, evidence, seed)
             if found is not None:
                 counts[role]["planted"] += 1
                 counts[role]["found"] += int(found)
@@ -97,12 +97,13 @@ def measure_group(path: str, group: str, roles: list[str], models: int, tokenize
 
 
 def planted_detection(path: str, model: torch.nn.Module, role: str, roles: list[str], work: dict,
-                      evidence: dict) -> bool | None:
+                      evidence: dict, seed: int = 0) -> bool | None:
     """Whether the rule detects the planted head for ``role`` (None: no plant). Attention roles: head
     :data:`cases.PLANTED` with its attention mixed towards the role's targets and, for the OV roles on the toy path,
     a copying OV circuit. Knowledge roles (toy path): head (0, 0) made self-copying, the final token set to the
     answer (and, for memory, the subject's tokens too, and the position embeddings zeroed, so the head reads the
-    subject and writes the answer)."""
+    subject and writes the answer). Successor (toy path): a wider 1-head toy model whose layer-1 head maps each
+    ordinal to its successor (:func:`roles.calibration_cases.plant_successor`)."""
     if role in ("memory", "amplification"):
         if path != "toy":
             return None
@@ -117,6 +118,13 @@ def planted_detection(path: str, model: torch.nn.Module, role: str, roles: list[
                 planted["subject_mask"].sum(-1))
         judged = apply_rule({**evidence, **{r: DETECTORS[r](planted_model, planted) for r in roles}}, d_head=D_HEAD)
         return bool(judged[role].detected[0, 0])
+    if role == "successor":
+        if path != "toy":
+            return None
+        planted_model = cases.plant_successor(seed, cases.vocab_of(work),
+                                              work["successor_pairs"])
+        judged = apply_rule({"successor": DETECTORS["successor"](planted_model, work)}, d_head=D_HEAD)
+        return bool(judged[role].detected[cases.PLANTED[0]].any())
     target = cases.target_mask(role, work)
     weights = role in cases.WEIGHT_PLANTS
     if (weights and path != "toy") or (target is None and not weights):
@@ -166,7 +174,7 @@ def calibrate(models: int, caches: int = 0, causal: int = 0, text_models: int = 
         if not r["power"]:
             unplanted.setdefault(r["role"], []).append(r["path"])
     for role, where in unplanted.items():
-        toy_only = cases.WEIGHT_PLANTS | {"memory", "amplification"}
+        toy_only = cases.WEIGHT_PLANTS | {"memory", "amplification", "successor"}
         why = ("the planted weights are built for the toy layout only" if role in toy_only
                else "no planted head for this role yet")
         notes.append(f"{role}: power empty on {', '.join(where)} ({why})")

@@ -179,3 +179,38 @@ def plant(patterns: torch.Tensor, target: torch.Tensor, share: float = PLANT) ->
 def batch_size() -> int:
     """The detection batch size at the defaults."""
     return DetectConfig().batch_size
+
+
+SUCCESSOR_WIDTH = 64
+"""Width of the 1-head-per-layer toy model that carries the planted successor head (see :func:`plant_successor`)."""
+
+
+@torch.no_grad()
+def plant_successor(seed: int, vocab: int, pairs: torch.Tensor) -> torch.nn.Module:
+    """A random toy model (2 layers, one head of width :data:`SUCCESSOR_WIDTH` per layer, the seed's init) whose head
+    :data:`PLANTED`'s layer maps each ordinal of ``pairs [n, 2]`` to its successor: ``W_V W_O = M``, ``M`` the
+    least-squares map from the ordinals' embeddings, as the layer reads them (through its input norm), to their
+    successors' embeddings, with the unembedding tied to the embedding. Succession over n ordinals needs an OV of
+    rank >= n (55 in the toy successor batch), more than the calibration models' 8-wide heads have, hence the wider
+    single head."""
+    from roles.ov import ov_circuit
+
+    torch.manual_seed(seed)
+    config = toymodels.ToyTransformerConfig(vocab_size=vocab, hidden_size=SUCCESSOR_WIDTH, num_hidden_layers=2,
+                                            num_attention_heads=1, max_position_embeddings=64)
+    std = (None, SUCCESSOR_WIDTH**-0.5, 2 * SUCCESSOR_WIDTH**-0.5)[seed % 3]
+    if std is not None:
+        config.initializer_range = std
+    model = toymodels.ToyTransformer(config).eval()
+    model.lm_head.weight.copy_(model.embed.weight)
+    layer, _ = PLANTED
+    circuit = ov_circuit(model, layer)
+    read = circuit.read(circuit.embed[pairs[:, 0]].float())  # [n, d_model]
+    target = model.embed.weight[pairs[:, 1]]  # [n, d_model]
+    mapping = torch.linalg.lstsq(read, target).solution  # [d_model, d_model]
+    attn = model.blocks[layer].attn
+    attn.v_proj.weight.copy_(mapping.T)  # v = x W_V with W_V = v_proj.weight^T
+    attn.out_proj.weight.copy_(torch.eye(SUCCESSOR_WIDTH))
+    if getattr(attn.v_proj, "bias", None) is not None:
+        attn.v_proj.bias.zero_()
+    return model
