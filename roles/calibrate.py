@@ -25,8 +25,8 @@ import csv
 import io
 import sys
 from collections.abc import Sequence
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 from scipy.stats import beta

@@ -5,7 +5,8 @@ own token and copies it helps, and nothing else does.
 
 * Null: random toy models (:func:`roles.calibration_cases.random_model`), where no head matters. The **functional**
   criterion (:func:`roles.ablation.is_functional` at the defaults: effect minus the mean effect of the other heads
-  above ``effect_sigma`` standard errors, ``min_effect`` and the other heads' spread) is applied to each head in turn as if it alone were detected;
+  above ``effect_sigma`` standard errors, ``min_effect`` and the other heads' spread) is applied to each head in
+  turn as if it alone were detected;
   the **group** criterion (:meth:`roles.mapping.GroupCheck.functional`, against ``random_groups`` random groups)
   to :data:`GROUP_PAIRS` pairs of heads drawn at random per model (as if a detector had picked two arbitrary
   heads).

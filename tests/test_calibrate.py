@@ -87,6 +87,7 @@ def test_planted_heads_are_found(table):
     # every attention role is planted on every path; the copying OV and knowledge roles on the toy path
     assert {r["role"] for r in powered} >= {"previous_token", "duplicate_token", "induction", "attention_sink",
                                             "iteration", "operand_attention", "copying", "name_copy", "name_mover",
-                                            "memory", "amplification", "truthfulness", "functional", "group", "successor"}
+                                            "memory", "amplification", "truthfulness", "functional", "group",
+                                            "successor"}
     weak = [(r["role"], r["path"], r["power"]) for r in powered if float(r["power"]) < 0.8]
     assert not weak, f"planted heads missed: {weak}"

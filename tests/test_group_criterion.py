@@ -71,7 +71,7 @@ def test_too_few_random_groups_for_alpha_are_refused_at_configuration():
     from headlab.errors import HeadlabError
     from roles.mapping import DetectConfig
 
-    with pytest.raises(HeadlabError, match="random_groups 2 .* pass --detection.random_groups 19"):
+    with pytest.raises(HeadlabError, match=r"random_groups 2 .* pass --detection.random_groups 19"):
         DetectConfig(random_groups=2)
     assert DetectConfig(random_groups=19).random_groups == 19  # 1/20 <= 0.05
     with pytest.raises(HeadlabError, match="random_groups 19"):

@@ -9,8 +9,7 @@ import torch
 from scipy.stats import false_discovery_control, norm, ttest_1samp
 from sklearn.metrics import f1_score, r2_score, roc_auc_score
 
-from headlab.statistics import (benjamini_hochberg, draws_for, min_attainable_p, monte_carlo_p,
-                                paired_greater_p)
+from headlab.statistics import benjamini_hochberg, draws_for, min_attainable_p, monte_carlo_p, paired_greater_p
 from probes import metrics
 from roles.evidence import Evidence, attention_evidence, indicator_evidence, masked_attention, shifted
 from roles.rule import FLOORS, apply_rule, floor_of

@@ -137,7 +137,7 @@ def test_functional_heads_beat_heads_without_a_function_by_more_than_their_noise
 def test_functional_heads_must_also_stand_out_from_the_other_heads_spread():
     # 7 heads without a function: effects 0.0 .. 0.6 (mean 0.3, sample sd 0.2160); two detected heads, no noise
     others = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
-    effect = torch.tensor([others + [1.42, 1.45]])
+    effect = torch.tensor([[*others, 1.42, 1.45]])
     stderr = torch.zeros(1, 9)
     detected = torch.tensor([[False] * 7 + [True, True]])
     s, n = random_head_spread(effect, detected)
