@@ -30,6 +30,8 @@ MODULES = {"roles/rule.py": "roles.rule", "roles/evidence.py": "roles.evidence",
 TESTS = ["tests/test_statistics.py", "tests/test_detectors.py", "tests/test_group_criterion.py"]
 
 EXPLAINED: dict[str, str] = {
+    "roles/rule.py:apply_rule:Constant 0->1:0": "torch.zeros(0) -> zeros(1) for the p-values of a call with no "
+    "roles: the loop over roles never reads it, so apply_rule({}) returns {} either way (equivalent)",
     "headlab/statistics.py:paired_greater_p:Gt->GtE:3": "flat = ~(sd > 0) vs ~(sd >= 0): sd >= 0 always holds for "
     "a real column, so only NaN spreads count as flat either way, and a NaN spread comes with n < 2, answered 1",
     "headlab/statistics.py:draws_for:Constant 1e-09->1.000000001": "the tolerance only guards 1/alpha - 1 being "

@@ -177,6 +177,11 @@ def test_partner_floor_is_inclusive_and_a_missing_partner_fails():
     on_floor = {"name_mover": _evidence([0.9], flat), "name_copy": _evidence([FLOORS["name_copy"]], flat)}
     assert apply_rule(on_floor, d_head=8)["name_mover"].detected.item()  # score >= floor
     assert not apply_rule({"name_mover": _evidence([0.9], flat)}, d_head=8)["name_mover"].detected.item()
+    # only the memory head's partner must pass its own test: a name mover needs its name-copying score, not its test
+    noisy = np.array([1.0, -1.0] * 3)[:, None, None]
+    untested = {"name_mover": _evidence([0.9], flat), "name_copy": _evidence([0.9], noisy)}
+    judged = apply_rule(untested, d_head=8)
+    assert not judged["name_copy"].detected.item() and judged["name_mover"].detected.item()
     # a role whose excluding role was not measured keeps its own verdict
     assert apply_rule({"amplification": _evidence([0.9], flat)}, d_head=8)["amplification"].detected.item()
 
