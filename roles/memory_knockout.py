@@ -1,0 +1,190 @@
+"""Memory heads (the survey's Knowledge Recalling stage) localised by attention knockout, a causal test that does
+not favour any depth (direct logit attribution at the final position favours the last layers by construction).
+
+On the capital prompts the model answers correctly, for every head ``h`` (:mod:`roles.knockout`):
+
+* ``score_h = mean_b [log p(a_b) - log p_h(a_b)]``: the drop of the correct answer's log-probability when ``h`` cannot
+  attend from the final position to the subject (Geva et al. 2023, attention knockout);
+* ``control_h``: the same drop for a wrong capital, the answer of another prompt (``a_{b-1}``): a knockout that only
+  lowers every capital's probability is not recall of *this* subject's attribute;
+* ``p_value``: one-sided sign-flip Monte Carlo test of the per-prompt differences (:func:`headlab.statistics.
+  sign_flip_p`), Benjamini-Hochberg corrected over the heads (``p_adjusted``);
+* ``detected``: ``score - control >= floor`` and ``p_adjusted <= alpha``, with ``floor = max(min_effect,
+  FLOOR_SHARE * total)`` and ``total`` the same difference when every head of every layer is knocked out at once
+  (the whole final-position route from the subject through attention).
+
+The group check knocks out the detected heads together against ``draws`` random groups *matched in depth* (as many
+heads from each layer as the detected group has there, drawn from that layer's other heads), one-sided Monte Carlo
+``p = (1 + #{random >= detected}) / (1 + draws)``. The window scan (:func:`roles.knockout.window_plans`) knocks out
+every head of ``k`` consecutive layers and shows where the subject's information is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from headlab.heads import head_sites
+from headlab.statistics import benjamini_hochberg, draws_for, min_attainable_p, sign_flip_p
+from roles.knockout import PrefixRun, default_window, head_plans, knockout_log_probs, window_plans
+from roles.mapping import GroupCheck
+
+FLOOR_SHARE = 0.05
+"""A knockout memory head's effect must be at least this share of the all-heads knockout effect (as amplification
+heads must write 5% of the logit margin, :data:`roles.rule.FLOORS`)."""
+
+
+@dataclass
+class KnockoutScan:
+    """Per-head and per-window knockout effects on one batch of prompts."""
+
+    score: torch.Tensor  # [L, H] mean drop of log p(correct answer)
+    control: torch.Tensor  # [L, H] mean drop of log p(another prompt's answer)
+    differences: torch.Tensor  # [B, L, H] per prompt: drop(correct) - drop(wrong)
+    total: float  # mean difference with every head of every layer knocked out
+    window: int
+    windows: torch.Tensor  # [L - window + 1] mean difference per window of layers (start = index)
+    clean_log_prob: float  # mean log p(correct answer) of the clean run
+
+    @property
+    def effect(self) -> torch.Tensor:
+        return self.score - self.control
+
+
+def _drops(run: PrefixRun, plans: torch.Tensor, answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Drops of log p(correct) and log p(wrong) under each plan, ``[B, P]`` each, and the clean mean log p."""
+    tokens = torch.stack([answers, answers.roll(1)], -1)  # [B, 2]
+    clean = torch.zeros(1, *plans.shape[1:], dtype=torch.bool)
+    logp = knockout_log_probs(run, torch.cat([clean, plans]), tokens)  # [B, 1 + P, 2]
+    drop = logp[:, :1] - logp[:, 1:]
+    return drop[..., 0], drop[..., 1], float(logp[:, 0, 0].mean())
+
+
+@torch.no_grad()
+def scan_heads(model: nn.Module, batch: dict, window: int | None = None) -> KnockoutScan:
+    """Knock out every head, every window of ``window`` layers (default :func:`roles.knockout.default_window`) and all
+    heads at once, from the final position to ``batch["subject_mask"]``, on ``batch["input_ids"]`` with
+    ``batch["answers"]``."""
+    sites = head_sites(model)
+    n_layers, n_heads = len(sites), sites[0].n_heads
+    window = window or default_window(n_layers)
+    run = PrefixRun(model, batch["input_ids"], batch["subject_mask"])
+    every = torch.ones(1, n_layers, n_heads, dtype=torch.bool)
+    plans = torch.cat([head_plans(n_layers, n_heads), window_plans(n_layers, n_heads, window), every])
+    right, wrong, clean = _drops(run, plans, batch["answers"])
+    diff = right - wrong  # [B, P]
+    n = n_layers * n_heads
+    shape = (n_layers, n_heads)
+    return KnockoutScan(right[:, :n].mean(0).view(shape), wrong[:, :n].mean(0).view(shape),
+                        diff[:, :n].view(-1, *shape), float(diff[:, -1].mean()), window,
+                        diff[:, n:-1].mean(0), clean)
+
+
+@dataclass
+class KnockoutVerdict:
+    """The per-head test of a :class:`KnockoutScan`."""
+
+    floor: float
+    p_value: torch.Tensor  # [L, H]
+    p_adjusted: torch.Tensor  # [L, H]
+    detected: torch.Tensor  # [L, H] bool
+    draws: int
+
+    @property
+    def min_attainable_p(self) -> float:
+        return min_attainable_p(self.draws)
+
+
+def judge(scan: KnockoutScan, alpha: float, min_effect: float, seed: int) -> KnockoutVerdict:
+    """Each head's verdict (module docstring). The sign-flip test draws enough flips that its smallest p-value sits
+    ten times below Benjamini-Hochberg's strictest threshold over every head: ``draws_for(alpha / (10 * heads))``."""
+    n_heads = scan.score.numel()
+    draws = draws_for(alpha / (10 * n_heads))
+    p = sign_flip_p(scan.differences.flatten(1).double().numpy(), draws, seed)
+    p_adjusted = benjamini_hochberg(p)
+    floor = max(min_effect, FLOOR_SHARE * scan.total)
+    shape = scan.score.shape
+    detected = (scan.effect >= floor) & torch.from_numpy(p_adjusted <= alpha).view(shape)
+    return KnockoutVerdict(floor, torch.from_numpy(p).view(shape), torch.from_numpy(p_adjusted).view(shape),
+                           detected, draws)
+
+
+def depth_matched_groups(detected: torch.Tensor, n_groups: int, seed: int) -> torch.Tensor:
+    """``n_groups`` random groups with as many heads in each layer as ``detected`` ``[L, H]`` has, drawn from that
+    layer's undetected heads (from all its heads when too few are left): bool ``[n_groups, L, H]``."""
+    generator = torch.Generator().manual_seed(seed)
+    groups = torch.zeros(n_groups, *detected.shape, dtype=torch.bool)
+    for layer in range(detected.shape[0]):
+        k = int(detected[layer].sum())
+        if k == 0:
+            continue
+        pool = (~detected[layer]).nonzero().flatten()
+        if len(pool) < k:
+            pool = torch.arange(detected.shape[1])
+        for g in range(n_groups):
+            groups[g, layer, pool[torch.randperm(len(pool), generator=generator)[:k]]] = True
+    return groups
+
+
+def distinct_matched_groups(detected: torch.Tensor) -> int:
+    """How many different depth-matched groups exist (the Monte Carlo p-value cannot resolve below ``1 / that``)."""
+    from math import comb
+
+    count = 1
+    for layer in range(detected.shape[0]):
+        k = int(detected[layer].sum())
+        free = int((~detected[layer]).sum())
+        count *= comb(free if free >= k else detected.shape[1], k)
+    return count
+
+
+@torch.no_grad()
+def group_knockout(model: nn.Module, batch: dict, detected: torch.Tensor, draws: int, seed: int
+                   ) -> GroupCheck | None:
+    """The detected heads knocked out together against ``draws`` depth-matched random groups (mean per-prompt
+    difference, as the per-head score); None with no detected head."""
+    if not detected.any():
+        return None
+    run = PrefixRun(model, batch["input_ids"], batch["subject_mask"])
+    plans = torch.cat([detected[None], depth_matched_groups(detected, draws, seed)])
+    right, wrong, _ = _drops(run, plans, batch["answers"])
+    effects = (right - wrong).mean(0).tolist()
+    heads = [(int(a), int(b)) for a, b in detected.nonzero().tolist()]
+    return GroupCheck(heads, effects[0], effects[1:])
+
+
+def knockout_rows(scan: KnockoutScan, verdict: KnockoutVerdict, functional: bool | None) -> pd.DataFrame:
+    """The ``memory`` rows of a role table (:data:`roles.table.COLUMNS`): score and control as above, the knockout
+    effect as ``ablation_effect`` (``effect_method`` ``knockout``) with its standard error over prompts,
+    ``functional`` = detected and the group check passed (NA when not run)."""
+    n_layers, n_heads = scan.score.shape
+    layer, head = np.divmod(np.arange(n_layers * n_heads), n_heads)
+    stderr = scan.differences.std(0) / max(1, scan.differences.shape[0]) ** 0.5
+    detected = verdict.detected.flatten().numpy()
+    return pd.DataFrame({
+        "layer": layer, "head": head, "role": "memory", "score": scan.score.flatten().numpy(),
+        "floor": verdict.floor, "control": scan.control.flatten().numpy(),
+        "p_value": verdict.p_value.flatten().numpy(), "p_adjusted": verdict.p_adjusted.flatten().numpy(),
+        "detected": detected, "ablation_effect": scan.effect.flatten().numpy(),
+        "effect_stderr": stderr.flatten().numpy(), "effect_method": "knockout", "effect_reference": float("nan"),
+        "functional": pd.array(detected & functional if functional is not None else [pd.NA] * len(detected),
+                               dtype="boolean"),
+        "null_mean": float("nan"), "null_std": float("nan"), "emerged_step": pd.array([pd.NA] * len(detected),
+                                                                                     dtype="Int64"),
+    })
+
+
+def agreement(knockout: torch.Tensor, attribution: torch.Tensor) -> dict:
+    """Where the knockout and the attribution (DLA + subject attention) memory verdicts agree: counts and layers."""
+    def layers(mask: torch.Tensor) -> list[int]:
+        return sorted({int(a) for a, _ in mask.nonzero().tolist()})
+
+    both = knockout & attribution
+    return {"knockout": int(knockout.sum()), "attribution": int(attribution.sum()), "both": int(both.sum()),
+            "knockout_only": int((knockout & ~attribution).sum()),
+            "attribution_only": int((attribution & ~knockout).sum()),
+            "knockout_layers": layers(knockout), "attribution_layers": layers(attribution)}
