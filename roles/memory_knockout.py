@@ -188,3 +188,55 @@ def agreement(knockout: torch.Tensor, attribution: torch.Tensor) -> dict:
             "knockout_only": int((knockout & ~attribution).sum()),
             "attribution_only": int((attribution & ~knockout).sum()),
             "knockout_layers": layers(knockout), "attribution_layers": layers(attribution)}
+
+
+def _group_passes(check: GroupCheck | None, detected: torch.Tensor, alpha: float, min_effect: float) -> bool | None:
+    """The group check passes: ``p <= alpha``, effect above the random groups' mean by ``min_effect``, and at least
+    ``1 / alpha`` distinct depth-matched groups (fewer cannot resolve ``p <= alpha``, however many draws)."""
+    if check is None:
+        return None
+    return bool(check.p_value <= alpha and check.effect - check.reference >= min_effect
+                and distinct_matched_groups(detected) >= 1 / alpha)
+
+
+def group_entry(model: nn.Module, batch: dict, scan: KnockoutScan, detected: torch.Tensor, alpha: float,
+                min_effect: float, seed: int) -> dict | None:
+    """The ``groups`` entry of the memory role (:func:`roles.stages.controls.check_entries`): the detected heads
+    knocked out together against ``max(99, draws_for(alpha))`` depth-matched random groups, with a positive control
+    (as many heads with the largest single-head knockout effects, which must pass) and a negative control (as many
+    heads drawn at random, treated as detected, which must not). None with no detected head."""
+    if not detected.any():
+        return None
+    draws = max(99, draws_for(alpha))
+    size = int(detected.sum())
+    known = torch.zeros_like(detected).flatten()
+    known[scan.effect.flatten().argsort(descending=True)[:size]] = True
+    chance = torch.zeros_like(known)
+    chance[torch.randperm(known.numel(), generator=torch.Generator().manual_seed(seed + 4242))[:size]] = True
+    entry: dict = {"method": "knockout", "null": "depth-matched random groups", "min_attainable_p": 1 / (1 + draws)}
+    for name, mask in (("", detected), ("positive_control_", known.view_as(detected)),
+                       ("negative_control_", chance.view_as(detected))):
+        check = group_knockout(model, batch, mask, draws, seed + 1)
+        entry[f"{name}passed" if name else "functional"] = _group_passes(check, mask, alpha, min_effect)
+        entry[f"{name}p" if name else "p_value"] = check.p_value
+        entry[f"{name}heads" if name else "heads"] = [list(h) for h in check.heads]
+        if not name:
+            entry.update(effect=check.effect, random_mean=check.reference,
+                         distinct_groups=distinct_matched_groups(mask))
+    return entry
+
+
+def knockout_memory(model: nn.Module, detect: dict, evaluate: dict, alpha: float, min_effect: float, seed: int,
+                    check: bool) -> tuple[pd.DataFrame, torch.Tensor, dict | None, dict]:
+    """Memory heads by knockout: the scan and per-head verdicts on ``detect``, the group check (``check``) on
+    ``evaluate``; returns the role-table rows, the detected mask ``[L, H]``, the ``groups`` entry and a summary
+    (floor, all-heads and window effects, draws)."""
+    scan = scan_heads(model, detect)
+    verdict = judge(scan, alpha, min_effect, seed)
+    group = group_entry(model, evaluate, scan, verdict.detected, alpha, min_effect, seed) if check else None
+    functional = None if not check else bool(group and group["functional"])
+    summary = {"floor": verdict.floor, "total_effect": scan.total, "clean_log_prob": scan.clean_log_prob,
+               "window": scan.window, "window_effects": [round(float(w), 4) for w in scan.windows],
+               "sign_flip_draws": verdict.draws, "min_attainable_p": verdict.min_attainable_p,
+               "prompts": int(detect["input_ids"].shape[0])}
+    return knockout_rows(scan, verdict, functional), verdict.detected, group, summary

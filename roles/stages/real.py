@@ -4,9 +4,12 @@ a causal check:
 ====  =========================  ===========  ====================================================================
 stage head type                  method       evidence and causal check
 ====  =========================  ===========  ====================================================================
-KR    memory heads               attribution  attention to the subject + direct logit attribution on capital
-                                              prompts (:mod:`roles.knowledge`); ablated against random heads on the
-                                              answer's loss
+KR    memory heads               knockout     attention knockout from the final position to the subject on the
+                                              capital prompts answered correctly (:mod:`roles.memory_knockout`),
+                                              a depth-neutral causal test; the detected group knocked out against
+                                              depth-matched random groups. The attribution verdict (subject attention
+                                              + direct logit attribution, :mod:`roles.knowledge`) is kept for
+                                              comparison in ``memory_knockout`` of the summary and a note
 ICI   previous-token, duplicate, detector     attention detectors with controls (:mod:`roles.real`); ablated on the
       name-mover heads                        induction loss
 LR    induction, successor       detector     as above (successor: OV succession over ordinal tokens)
@@ -34,6 +37,7 @@ from headlab.models import LoadedModel, input_device
 from headlab.statistics import draws_for
 from roles.knowledge import capitals_batch
 from roles.mapping import Batches, DetectConfig, GroupCheck, group_check, map_heads
+from roles.memory_knockout import agreement, knockout_memory
 from roles.real import map_real_model, task_batches
 from roles.registry import measure_heads
 from roles.stages.controls import group_controls, logit_direction
@@ -41,7 +45,7 @@ from roles.table import RoleTable
 
 log = logging.getLogger("headlab")
 
-METHODS: dict[str, str] = {"memory": "attribution", "amplification": "attribution", "truthfulness": "probe"}
+METHODS: dict[str, str] = {"memory": "knockout", "amplification": "attribution", "truthfulness": "probe"}
 """role -> the survey's method that measures it; every other role: ``detector``."""
 TRUTH_FLOOR = 0.7
 """Held-out accuracy a truthfulness probe must reach (chance 0.5 on the balanced capitals set), with its BH-corrected
@@ -56,12 +60,14 @@ class RealStages:
     groups: dict[str, dict] = field(default_factory=dict)
     steering: dict | None = None
     notes: list[str] = field(default_factory=list)
+    knockout: dict | None = None  # the memory knockout's summary and its agreement with the attribution verdict
 
 
 def knowledge_map(loaded: LoadedModel, cfg: DetectConfig, seed: int, ablate: bool
-                  ) -> tuple[RoleTable, dict, list[str]]:
-    """Memory and amplification heads on the capital prompts the model answers correctly, ablated on the answer's
-    loss; the group checks of both, and a note of how many prompts were kept."""
+                  ) -> tuple[RoleTable, dict, list[str], dict]:
+    """Memory heads by knockout and amplification heads by attribution on the capital prompts the model answers
+    correctly; the group checks of both, a note of how many prompts were kept, and the knockout summary with its
+    agreement with the attribution verdict of memory heads."""
     model, tokenizer = loaded.model, loaded.tokenizer
     detect = capitals_batch(tokenizer, cfg.batch_size, seed + 1, model=model)
     right, total = int(detect["n_correct"]), int(detect["n_candidates"])
@@ -74,17 +80,46 @@ def knowledge_map(loaded: LoadedModel, cfg: DetectConfig, seed: int, ablate: boo
                       capitals_batch(tokenizer, size, seed + 3, model=model))
     head_map = map_heads(model, batches, "memory", cfg, seed, evidence=evidence, null={}, ablate=ablate)
     groups = {}
+    amplifying = _detected(head_map.table, "amplification")
     if ablate:
-        for role in ("memory", "amplification"):
-            rows = head_map.table.rows(role)
-            detected = torch.zeros(head_map.table.shape, dtype=torch.bool)
-            for row in rows[rows["detected"]].itertuples():
-                detected[row.layer, row.head] = True
-            check = group_check(model, batches, detected, cfg, seed)
-            if check is not None:
-                groups[role] = {**_group_summary(check, cfg), **group_controls(
-                    model, batches, check, head_map.table.frame, head_map.table.shape, cfg, seed)}
-    return head_map.table, groups, notes
+        check = group_check(model, batches, amplifying, cfg, seed)
+        if check is not None:
+            groups["amplification"] = {**_group_summary(check, cfg), **group_controls(
+                model, batches, check, head_map.table.frame, head_map.table.shape, cfg, seed)}
+    table, knockout, memory_group = _memory_by_knockout(model, batches, head_map.table, cfg, seed, ablate)
+    if memory_group is not None:
+        groups["memory"] = memory_group
+    notes.append(_agreement_note(knockout["agreement"]))
+    return table, groups, notes, knockout
+
+
+def _detected(table: RoleTable, role: str) -> torch.Tensor:
+    rows = table.rows(role)
+    detected = torch.zeros(table.shape, dtype=torch.bool)
+    for row in rows[rows["detected"]].itertuples():
+        detected[row.layer, row.head] = True
+    return detected
+
+
+def _memory_by_knockout(model, batches: Batches, table: RoleTable, cfg: DetectConfig, seed: int, ablate: bool
+                        ) -> tuple[RoleTable, dict, dict | None]:
+    """The memory rows replaced by the knockout localiser's (:func:`roles.memory_knockout.knockout_memory`); the
+    knockout summary with the agreement of both verdicts, and the memory group check."""
+    size = cfg.group_batch_size
+    evaluate = {k: v[:size] if torch.is_tensor(v) and v.ndim >= 1 and k != "distractors" else v
+                for k, v in batches.eval.items()}
+    rows, knocked, group, summary = knockout_memory(model, batches.detect, evaluate, cfg.alpha, cfg.min_effect,
+                                                    seed, check=ablate)
+    summary["agreement"] = agreement(knocked, _detected(table, "memory"))
+    frame = table.frame[table.frame["role"] != "memory"]
+    return RoleTable(pd.concat([rows, frame], ignore_index=True)), summary, group
+
+
+def _agreement_note(counts: dict) -> str:
+    return (f"KR memory heads: {counts['knockout']} by attention knockout (layers {counts['knockout_layers']}), "
+            f"{counts['attribution']} by subject attention + direct logit attribution (layers "
+            f"{counts['attribution_layers']}); {counts['both']} found by both, {counts['knockout_only']} by knockout "
+            f"only, {counts['attribution_only']} by attribution only")
 
 
 def _group_summary(check: GroupCheck, cfg: DetectConfig) -> dict:
@@ -195,13 +230,14 @@ def real_stages(loaded: LoadedModel, cfg: DetectConfig, length: int, seed: int, 
         stages.groups["induction"] = {**_group_summary(check, cfg), **group_controls(
             loaded.model, batches, check, table.frame, table.shape, cfg, seed)}
     if loaded.kind == "causal_lm" and loaded.tokenizer is not None:
-        knowledge, groups, knowledge_notes = knowledge_map(loaded, cfg, seed, ablate)
+        knowledge, groups, knowledge_notes, stages.knockout = knowledge_map(loaded, cfg, seed, ablate)
         stages.notes += knowledge_notes
         frames.append(knowledge.frame)
         stages.groups.update(groups)
         truth, stages.steering = truthfulness_rows(loaded, work, cfg, seed, probe_limit, steer=ablate)
         frames.append(truth)
-        stages.notes.append("KR/EP: memory and amplification heads by direct logit attribution on capital prompts; "
+        stages.notes.append("KR: memory heads by attention knockout, EP: amplification heads by direct logit "
+                            "attribution, both on capital prompts; "
                             "LR: truthfulness heads by probing capitals statements"
                             + ("" if ablate else " (no causal checks: --ablate false)"))
     table = pd.concat(frames, ignore_index=True)
