@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from headlab.errors import HeadlabError
-from headlab.heads import HeadSite, head_sites
+from headlab.heads import HeadFn, HeadSite, head_sites, hook_heads
 from headlab.models import input_device
 
 
@@ -100,14 +100,15 @@ class PrefixRun:
             out = model(input_ids=self.ids[:, :-1], use_cache=True)
         self.cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
 
-    @torch.no_grad()
-    def log_probs(self, plans: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """``log p(tokens)`` at the final position under each plan: ``plans`` bool ``[P, L, H]`` (an all-False plan is
-        the clean run), ``tokens`` ``[B, n]``; returns ``[B, P, n]``."""
-        n_plans = plans.shape[0]
-        batch = self.ids.shape[0]
+    def _runs(self, n_plans: int) -> tuple[object, torch.Tensor]:
+        """A fresh copy of the prefix cache and the last tokens, each repeated ``n_plans`` times (prompt-major)."""
         cache = copy.deepcopy(self.cache)
         cache.batch_repeat_interleave(n_plans)
+        return cache, self.ids[:, -1:].repeat_interleave(n_plans, 0)
+
+    def _cuts(self, plans: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Per layer, bool ``[B * P, H, T]``: the subject keys each row's heads may not see from the last query."""
+        batch, n_plans = self.ids.shape[0], plans.shape[0]
         subject = self.subject.to(self.device)
         cuts = {}
         for site in self.sites:
@@ -115,20 +116,55 @@ class PrefixRun:
             if per_plan.any():
                 cut = per_plan[None, :, :, None] & subject[:, None, None, :]  # [B, P, H, T]
                 cuts[site.layer] = cut.reshape(batch * n_plans, *cut.shape[2:])
-        last = self.ids[:, -1:].repeat_interleave(n_plans, 0)
-        with knock_out(self.model, cuts, self.sites):
+        return cuts
+
+    def _patch(self, plans: torch.Tensor, source: dict[int, torch.Tensor]) -> HeadFn:
+        """Replace the planned heads' final-position outputs with ``source[layer]`` ``[B, H, d_head]``."""
+        n_plans = plans.shape[0]
+
+        def fn(layer: int, z: torch.Tensor) -> torch.Tensor | None:  # z: [B * P, 1, H, d_head]
+            chosen = plans[:, layer].to(z.device)  # [P, H]
+            if not chosen.any():
+                return None
+            rows = chosen.repeat(self.ids.shape[0], 1)[..., None]  # [B * P, H, 1]
+            z = z.clone()
+            z[:, -1] = torch.where(rows, source[layer].to(z.device, z.dtype).repeat_interleave(n_plans, 0), z[:, -1])
+            return z
+
+        return fn
+
+    @torch.no_grad()
+    def final_outputs(self) -> dict[int, torch.Tensor]:
+        """Every head's clean output at the final position: ``{layer: [B, H, d_head]}``."""
+        cache, last = self._runs(1)
+        kept: dict[int, torch.Tensor] = {}
+        with hook_heads(self.model, lambda layer, z: kept.__setitem__(layer, z[:, -1].clone()), sites=self.sites):
+            self.model(input_ids=last, cache=cache, use_cache=True)
+        return kept
+
+    @torch.no_grad()
+    def log_probs(self, plans: torch.Tensor, tokens: torch.Tensor, source: dict[int, torch.Tensor] | None = None
+                  ) -> torch.Tensor:
+        """``log p(tokens)`` at the final position under each plan: ``plans`` bool ``[P, L, H]`` (an all-False plan is
+        the clean run), ``tokens`` ``[B, n]``; returns ``[B, P, n]``. The planned heads are knocked out, or with
+        ``source`` (:meth:`final_outputs` of other prompts, aligned with these) patched at the final position."""
+        n_plans, batch = plans.shape[0], self.ids.shape[0]
+        cache, last = self._runs(n_plans)
+        edit = knock_out(self.model, self._cuts(plans), self.sites) if source is None else \
+            hook_heads(self.model, self._patch(plans, source), sites=self.sites)
+        with edit:
             logits = self.model(input_ids=last, cache=cache, use_cache=True).logits[:, -1].float()
         logp = logits.log_softmax(-1).view(batch, n_plans, -1)
         index = tokens.to(self.device)[:, None, :].expand(-1, n_plans, -1)
         return logp.gather(-1, index).cpu()
 
 
-def knockout_log_probs(run: PrefixRun, plans: torch.Tensor, tokens: torch.Tensor, max_rows: int = 512
-                       ) -> torch.Tensor:
+def knockout_log_probs(run: PrefixRun, plans: torch.Tensor, tokens: torch.Tensor, max_rows: int = 512,
+                       source: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """:meth:`PrefixRun.log_probs` over many plans, in chunks of at most ``max_rows`` rows: ``[B, P, n]``."""
     batch = run.ids.shape[0]
     step = max(1, max_rows // batch)
-    return torch.cat([run.log_probs(plans[i:i + step], tokens) for i in range(0, plans.shape[0], step)], 1)
+    return torch.cat([run.log_probs(plans[i:i + step], tokens, source) for i in range(0, plans.shape[0], step)], 1)
 
 
 def head_plans(n_layers: int, n_heads: int) -> torch.Tensor:

@@ -55,27 +55,34 @@ class KnockoutScan:
         return self.score - self.control
 
 
-def _drops(run: PrefixRun, plans: torch.Tensor, answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Drops of log p(correct) and log p(wrong) under each plan, ``[B, P]`` each, and the clean mean log p."""
-    tokens = torch.stack([answers, answers.roll(1)], -1)  # [B, 2]
+def _drops(run: PrefixRun, plans: torch.Tensor, answers: torch.Tensor, patch: bool
+           ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Drops of log p(correct) and log p(wrong) under each plan, ``[B, P]`` each, and the clean mean log p. With
+    ``patch`` the planned heads' final-position outputs come from the previous prompt (``b - 1``) instead of being
+    knocked out (:meth:`roles.knockout.PrefixRun.log_probs`), and the wrong answer is that of prompt ``b - 2``, not
+    the source's: with the source's answer, prompt ``b``'s difference would share the term "source output, source
+    answer" with prompt ``b - 1``'s clean term, the differences of neighbours would correlate and the sign-flip test
+    would be anticonservative (15% of sharp random toy models got a detection at alpha 0.05). Knockout: ``b - 1``."""
+    tokens = torch.stack([answers, answers.roll(2 if patch else 1)], -1)  # [B, 2]
     clean = torch.zeros(1, *plans.shape[1:], dtype=torch.bool)
-    logp = knockout_log_probs(run, torch.cat([clean, plans]), tokens)  # [B, 1 + P, 2]
+    source = {layer: z.roll(1, 0) for layer, z in run.final_outputs().items()} if patch else None
+    logp = knockout_log_probs(run, torch.cat([clean, plans]), tokens, source=source)  # [B, 1 + P, 2]
     drop = logp[:, :1] - logp[:, 1:]
     return drop[..., 0], drop[..., 1], float(logp[:, 0, 0].mean())
 
 
 @torch.no_grad()
-def scan_heads(model: nn.Module, batch: dict, window: int | None = None) -> KnockoutScan:
+def scan_heads(model: nn.Module, batch: dict, window: int | None = None, patch: bool = False) -> KnockoutScan:
     """Knock out every head, every window of ``window`` layers (default :func:`roles.knockout.default_window`) and all
     heads at once, from the final position to ``batch["subject_mask"]``, on ``batch["input_ids"]`` with
-    ``batch["answers"]``."""
+    ``batch["answers"]``; with ``patch``, patch their final-position outputs from the previous prompt instead."""
     sites = head_sites(model)
     n_layers, n_heads = len(sites), sites[0].n_heads
     window = window or default_window(n_layers)
     run = PrefixRun(model, batch["input_ids"], batch["subject_mask"])
     every = torch.ones(1, n_layers, n_heads, dtype=torch.bool)
     plans = torch.cat([head_plans(n_layers, n_heads), window_plans(n_layers, n_heads, window), every])
-    right, wrong, clean = _drops(run, plans, batch["answers"])
+    right, wrong, clean = _drops(run, plans, batch["answers"], patch)
     diff = right - wrong  # [B, P]
     n = n_layers * n_heads
     shape = (n_layers, n_heads)
@@ -143,34 +150,35 @@ def distinct_matched_groups(detected: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def group_knockout(model: nn.Module, batch: dict, detected: torch.Tensor, draws: int, seed: int
-                   ) -> GroupCheck | None:
-    """The detected heads knocked out together against ``draws`` depth-matched random groups (mean per-prompt
-    difference, as the per-head score); None with no detected head."""
+def group_knockout(model: nn.Module, batch: dict, detected: torch.Tensor, draws: int, seed: int,
+                   patch: bool = False) -> GroupCheck | None:
+    """The detected heads knocked out (or ``patch``-ed) together against ``draws`` depth-matched random groups (mean
+    per-prompt difference, as the per-head score); None with no detected head."""
     if not detected.any():
         return None
     run = PrefixRun(model, batch["input_ids"], batch["subject_mask"])
     plans = torch.cat([detected[None], depth_matched_groups(detected, draws, seed)])
-    right, wrong, _ = _drops(run, plans, batch["answers"])
+    right, wrong, _ = _drops(run, plans, batch["answers"], patch)
     effects = (right - wrong).mean(0).tolist()
     heads = [(int(a), int(b)) for a, b in detected.nonzero().tolist()]
     return GroupCheck(heads, effects[0], effects[1:])
 
 
-def knockout_rows(scan: KnockoutScan, verdict: KnockoutVerdict, functional: bool | None) -> pd.DataFrame:
-    """The ``memory`` rows of a role table (:data:`roles.table.COLUMNS`): score and control as above, the knockout
-    effect as ``ablation_effect`` (``effect_method`` ``knockout``) with its standard error over prompts,
+def knockout_rows(scan: KnockoutScan, verdict: KnockoutVerdict, functional: bool | None, role: str = "memory",
+                  method: str = "knockout") -> pd.DataFrame:
+    """The ``role`` rows of a role table (:data:`roles.table.COLUMNS`): score and control as above, the effect
+    ``score - control`` as ``ablation_effect`` (``effect_method`` ``method``) with its standard error over prompts,
     ``functional`` = detected and the group check passed (NA when not run)."""
     n_layers, n_heads = scan.score.shape
     layer, head = np.divmod(np.arange(n_layers * n_heads), n_heads)
     stderr = scan.differences.std(0) / max(1, scan.differences.shape[0]) ** 0.5
     detected = verdict.detected.flatten().numpy()
     return pd.DataFrame({
-        "layer": layer, "head": head, "role": "memory", "score": scan.score.flatten().numpy(),
+        "layer": layer, "head": head, "role": role, "score": scan.score.flatten().numpy(),
         "floor": verdict.floor, "control": scan.control.flatten().numpy(),
         "p_value": verdict.p_value.flatten().numpy(), "p_adjusted": verdict.p_adjusted.flatten().numpy(),
         "detected": detected, "ablation_effect": scan.effect.flatten().numpy(),
-        "effect_stderr": stderr.flatten().numpy(), "effect_method": "knockout", "effect_reference": float("nan"),
+        "effect_stderr": stderr.flatten().numpy(), "effect_method": method, "effect_reference": float("nan"),
         "functional": pd.array(detected & functional if functional is not None else [pd.NA] * len(detected),
                                dtype="boolean"),
         "null_mean": float("nan"), "null_std": float("nan"), "emerged_step": pd.array([pd.NA] * len(detected),
@@ -178,16 +186,17 @@ def knockout_rows(scan: KnockoutScan, verdict: KnockoutVerdict, functional: bool
     })
 
 
-def agreement(knockout: torch.Tensor, attribution: torch.Tensor) -> dict:
-    """Where the knockout and the attribution (DLA + subject attention) memory verdicts agree: counts and layers."""
+def agreement(causal: torch.Tensor, attribution: torch.Tensor, method: str = "knockout") -> dict:
+    """Where a causal verdict (``method``: knockout or patching) and the attribution verdict of the same role agree:
+    counts, layers and heads."""
     def layers(mask: torch.Tensor) -> list[int]:
         return sorted({int(a) for a, _ in mask.nonzero().tolist()})
 
-    both = knockout & attribution
-    return {"knockout": int(knockout.sum()), "attribution": int(attribution.sum()), "both": int(both.sum()),
-            "knockout_only": int((knockout & ~attribution).sum()),
-            "attribution_only": int((attribution & ~knockout).sum()),
-            "knockout_layers": layers(knockout), "attribution_layers": layers(attribution)}
+    return {method: int(causal.sum()), "attribution": int(attribution.sum()), "both": int((causal & attribution).sum()),
+            f"{method}_only": int((causal & ~attribution).sum()),
+            "attribution_only": int((attribution & ~causal).sum()),
+            f"{method}_layers": layers(causal), "attribution_layers": layers(attribution),
+            f"{method}_heads": causal.nonzero().tolist(), "attribution_heads": attribution.nonzero().tolist()}
 
 
 def _group_passes(check: GroupCheck | None, detected: torch.Tensor, alpha: float, min_effect: float) -> bool | None:
@@ -200,7 +209,7 @@ def _group_passes(check: GroupCheck | None, detected: torch.Tensor, alpha: float
 
 
 def group_entry(model: nn.Module, batch: dict, scan: KnockoutScan, detected: torch.Tensor, alpha: float,
-                min_effect: float, seed: int) -> dict | None:
+                min_effect: float, seed: int, patch: bool = False) -> dict | None:
     """The ``groups`` entry of the memory role (:func:`roles.stages.controls.check_entries`): the detected heads
     knocked out together against ``max(99, draws_for(alpha))`` depth-matched random groups, with a positive control
     (as many heads with the largest single-head knockout effects, which must pass) and a negative control (as many
@@ -213,10 +222,11 @@ def group_entry(model: nn.Module, batch: dict, scan: KnockoutScan, detected: tor
     known[scan.effect.flatten().argsort(descending=True)[:size]] = True
     chance = torch.zeros_like(known)
     chance[torch.randperm(known.numel(), generator=torch.Generator().manual_seed(seed + 4242))[:size]] = True
-    entry: dict = {"method": "knockout", "null": "depth-matched random groups", "min_attainable_p": 1 / (1 + draws)}
+    entry: dict = {"method": "patching" if patch else "knockout", "null": "depth-matched random groups",
+                   "min_attainable_p": 1 / (1 + draws)}
     for name, mask in (("", detected), ("positive_control_", known.view_as(detected)),
                        ("negative_control_", chance.view_as(detected))):
-        check = group_knockout(model, batch, mask, draws, seed + 1)
+        check = group_knockout(model, batch, mask, draws, seed + 1, patch)
         entry[f"{name}passed" if name else "functional"] = _group_passes(check, mask, alpha, min_effect)
         entry[f"{name}p" if name else "p_value"] = check.p_value
         entry[f"{name}heads" if name else "heads"] = [list(h) for h in check.heads]

@@ -62,3 +62,23 @@ def plant_memory_head(model: torch.nn.Module, layer: int = 0, head: int = 0, gai
     attn.o_proj.weight[ANSWER_DIM0:ANSWER_DIM0 + d_head, rows] = gain * torch.eye(d_head)
     model.lm_head.weight[ANSWER0:ANSWER0 + N_SUBJECTS, ANSWER_DIM0:ANSWER_DIM0 + N_SUBJECTS] += torch.eye(N_SUBJECTS)
     return model
+
+
+@torch.no_grad()
+def plant_amplifier_head(model: torch.nn.Module, layer: int = 2, head: int = 1, gain: float = 4.0) -> torch.nn.Module:
+    """Make head (``layer``, ``head``) of a :func:`fact_model` (with a memory head below it) an amplification head:
+    from the final position it attends to the final position itself (query and key both read the "is" flag) and
+    writes back, amplified, the answer dimensions it finds there; it never reads the subject."""
+    d_head = D_MODEL // N_HEADS
+    model.model.embed_tokens.weight[IS, IS_FLAG] = 1.0
+    attn = model.model.layers[layer].self_attn
+    rows = slice(head * d_head, (head + 1) * d_head)
+    slow = head * d_head + d_head // 2 - 1
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+        proj.weight[rows] = 0
+    attn.q_proj.weight[slow, IS_FLAG] = 20.0  # the answer dimensions dominate the normed residual there: scale up
+    attn.k_proj.weight[slow, IS_FLAG] = 20.0
+    attn.v_proj.weight[rows, ANSWER_DIM0:ANSWER_DIM0 + d_head] = torch.eye(d_head)
+    attn.o_proj.weight[:, rows] = 0
+    attn.o_proj.weight[ANSWER_DIM0:ANSWER_DIM0 + d_head, rows] = gain * torch.eye(d_head)
+    return model

@@ -12,9 +12,10 @@ import torch
 
 from headlab.heads import hook_heads
 from headlab.statistics import sign_flip_p
+from roles.amplification_patching import patching_amplification
 from roles.knockout import PrefixRun, head_plans, knockout_log_probs, window_plans
 from roles.memory_knockout import depth_matched_groups, distinct_matched_groups, group_knockout, judge, scan_heads
-from tests.memory_models import fact_batch, fact_model, plant_memory_head
+from tests.memory_models import fact_batch, fact_model, plant_amplifier_head, plant_memory_head
 
 
 @torch.no_grad()
@@ -73,15 +74,51 @@ def test_a_planted_shallow_memory_head_is_found_exactly(layer, head):
     assert group.heads == [(layer, head)] and group.effect > max(group.random_effects) + 3.0
 
 
-@pytest.mark.parametrize("init", [0.3, 1.0])
-def test_random_models_have_no_knockout_memory_heads_beyond_chance(init):
+@pytest.mark.parametrize("patch", [False, True])
+def test_random_models_have_no_memory_or_amplification_heads_beyond_chance(patch):
     batch = fact_batch()
-    found = 0
-    for seed in range(4):
-        scan = scan_heads(fact_model(n_layers=4, seed=seed, init=init), batch, window=2)
-        assert scan.effect.abs().max() > 0.2  # sharp random heads do move the answer's probability
-        found += int(judge(scan, alpha=0.05, min_effect=0.01, seed=seed).detected.sum())
-    assert found <= 1  # BH at 0.05 over 16 heads: a false detection in a null model has probability <= 0.05
+    found, moved = 0, 0.0
+    for seed in range(20):
+        scan = scan_heads(fact_model(n_layers=4, seed=seed, init=(0.3, 1.0)[seed % 2]), batch, window=2, patch=patch)
+        moved = max(moved, float(scan.effect.abs().max()))
+        found += int(judge(scan, alpha=0.05, min_effect=0.01, seed=seed).detected.any())
+    assert moved > 0.2  # sharp random heads do move the answer's probability
+    # BH at 0.05 over 16 heads: a model of the null gets any detection with probability <= 0.05, so >= 4 of 20 models
+    # has probability < 0.02
+    assert found <= 3
+
+
+def test_patching_finds_a_planted_amplifier_and_knockout_does_not():
+    model = plant_amplifier_head(plant_memory_head(fact_model(n_layers=4)), layer=2, head=1)
+    batch = fact_batch()
+    memory = judge(scan_heads(model, batch, window=2), alpha=0.05, min_effect=0.01, seed=0).detected
+    assert memory.nonzero().tolist() == [[0, 0]]
+    rows, amplifying, _, summary = patching_amplification(model, batch, batch, memory, 0.05, 0.01, seed=0, check=False)
+    assert amplifying.nonzero().tolist() == [[2, 1]] and summary["excluded_memory_heads"] == 1
+    assert set(rows["effect_method"]) == {"patching"} and rows["detected"].sum() == 1
+
+
+def test_patching_matches_a_full_forward_with_the_head_output_replaced():
+    model = fact_model(n_layers=3, kv_heads=2, seed=2, init=0.5)
+    batch = fact_batch()
+    run = PrefixRun(model, batch["input_ids"], batch["subject_mask"])
+    source = {layer: z.roll(1, 0) for layer, z in run.final_outputs().items()}
+    ours = knockout_log_probs(run, head_plans(3, 4), batch["answers"][:, None], source=source)[..., 0]
+    captured = {}
+    with torch.no_grad(), hook_heads(model, lambda layer, z: captured.__setitem__(layer, z[:, -1].clone())):
+        model(input_ids=batch["input_ids"])
+    for layer, head in [(0, 2), (1, 1), (2, 3)]:
+        def patch(at, z, layer=layer, head=head):
+            if at != layer:
+                return None
+            z = z.clone()
+            z[:, -1, head] = captured[layer].roll(1, 0)[:, head]
+            return z
+
+        with torch.no_grad(), hook_heads(model, patch):
+            logits = model(input_ids=batch["input_ids"]).logits[:, -1]
+        reference = logits.log_softmax(-1).gather(-1, batch["answers"][:, None])[:, 0]
+        torch.testing.assert_close(ours[:, layer * 4 + head], reference, atol=2e-4, rtol=1e-4)
 
 
 def test_window_plans_cover_consecutive_layers():

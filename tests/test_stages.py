@@ -276,11 +276,13 @@ def test_hf_path_encoder_and_causal_lm(tiny_gpt2_dir, tiny_bert_dir):
              "memory", "amplification", "truthfulness"}
     assert set(gpt2.table.frame["role"]) == roles  # the word tokenizer has no ordinals: no successor detector
     methods = gpt2.scored_rows(STAGES).groupby("role")["method"].first()
-    assert methods["memory"] == "knockout" and methods["amplification"] == "attribution"
+    assert methods["memory"] == "knockout" and methods["amplification"] == "patching"
     assert methods["truthfulness"] == "probe"
-    memory = gpt2.table.frame[gpt2.table.frame["role"] == "memory"]
-    assert set(memory["effect_method"]) == {"knockout"} and len(memory) == 2 * 4
-    assert {"agreement", "window_effects", "floor"} <= set(gpt2.extra["memory_knockout"])
+    frame = gpt2.table.frame
+    assert set(frame.loc[frame["role"] == "memory", "effect_method"]) == {"knockout"}
+    assert set(frame.loc[frame["role"] == "amplification", "effect_method"]) == {"patching"}
+    for role in ("memory", "amplification"):
+        assert {"agreement", "window_effects", "floor"} <= set(gpt2.extra["localisers"][role])
     assert any("by attention knockout" in note for note in gpt2.notes)
     assert any("successor detector skipped" in note for note in gpt2.notes)
     assert len(gpt2.table.frame) == 10 * 2 * 4
