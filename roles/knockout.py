@@ -12,7 +12,9 @@ GPT-NeoX, Llama and grouped-query relatives under eager or sdpa attention).
 Only the final position changes, so the prompt minus its last token is run once (:class:`PrefixRun`, its key/value
 cache) and every knockout reruns the last token alone. A *plan* is a bool ``[layer, head]`` of the heads cut
 together; many plans run as one batch (prompt-major rows ``b * plans + p``): one plan per head gives the per-head
-localiser, one per window of ``k`` consecutive layers (all heads) gives Geva et al.'s window scan.
+localiser, one per window of ``k`` consecutive layers (all heads) gives Geva et al.'s window scan. The same runs can
+instead *patch* the planned heads' final-position outputs from other prompts (activation patching of ``z_h``,
+:meth:`PrefixRun.log_probs` with a ``source``).
 """
 
 from __future__ import annotations
@@ -84,12 +86,20 @@ def knock_out(model: nn.Module, cuts: dict[int, torch.Tensor], sites: list[HeadS
             handle.remove()
 
 
+def _cache_argument(model: nn.Module) -> str:
+    """The forward argument that takes a key/value cache: ``cache`` (transformers >= 5.x) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class PrefixRun:
     """The clean run of ``input_ids[:, :-1]`` ``[B, T - 1]`` (its key/value cache), to rerun the last token under
     knockout plans without recomputing the prefix."""
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, subject: torch.Tensor):
         self.model, self.sites = model, head_sites(model)
+        self.cache_argument = _cache_argument(model)
         self.device = input_device(model)
         self.ids = input_ids.to(self.device)
         self.subject = subject.bool()  # [B, T]
@@ -98,13 +108,26 @@ class PrefixRun:
                                "tokens")
         with torch.no_grad():
             out = model(input_ids=self.ids[:, :-1], use_cache=True)
-        self.cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+            self.cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+            self._check_cache()
 
-    def _runs(self, n_plans: int) -> tuple[object, torch.Tensor]:
-        """A fresh copy of the prefix cache and the last tokens, each repeated ``n_plans`` times (prompt-major)."""
+    def _check_cache(self, tolerance: float = 1e-3) -> None:
+        """Fail unless the last token run from the cache gives the full forward pass's logits."""
+        cache, last = self._runs(1)
+        cached = self.model(input_ids=last, use_cache=True, **cache).logits[:, -1].float()
+        full = self.model(input_ids=self.ids).logits[:, -1].float()
+        gap = float((cached - full).abs().max())
+        if gap > tolerance * max(1.0, float(full.abs().max())):
+            raise HeadlabError(f"the key/value cache did not reproduce the full forward pass (max |logit gap| "
+                               f"{gap:.3g}); {type(self.model).__name__}.forward must take the cache as "
+                               f"`{self.cache_argument}`")
+
+    def _runs(self, n_plans: int) -> tuple[dict, torch.Tensor]:
+        """A fresh copy of the prefix cache (as the forward's keyword argument) and the last tokens, each repeated
+        ``n_plans`` times (prompt-major)."""
         cache = copy.deepcopy(self.cache)
         cache.batch_repeat_interleave(n_plans)
-        return cache, self.ids[:, -1:].repeat_interleave(n_plans, 0)
+        return {self.cache_argument: cache}, self.ids[:, -1:].repeat_interleave(n_plans, 0)
 
     def _cuts(self, plans: torch.Tensor) -> dict[int, torch.Tensor]:
         """Per layer, bool ``[B * P, H, T]``: the subject keys each row's heads may not see from the last query."""
@@ -139,7 +162,7 @@ class PrefixRun:
         cache, last = self._runs(1)
         kept: dict[int, torch.Tensor] = {}
         with hook_heads(self.model, lambda layer, z: kept.__setitem__(layer, z[:, -1].clone()), sites=self.sites):
-            self.model(input_ids=last, cache=cache, use_cache=True)
+            self.model(input_ids=last, use_cache=True, **cache)
         return kept
 
     @torch.no_grad()
@@ -153,7 +176,7 @@ class PrefixRun:
         edit = knock_out(self.model, self._cuts(plans), self.sites) if source is None else \
             hook_heads(self.model, self._patch(plans, source), sites=self.sites)
         with edit:
-            logits = self.model(input_ids=last, cache=cache, use_cache=True).logits[:, -1].float()
+            logits = self.model(input_ids=last, use_cache=True, **cache).logits[:, -1].float()
         logp = logits.log_softmax(-1).view(batch, n_plans, -1)
         index = tokens.to(self.device)[:, None, :].expand(-1, n_plans, -1)
         return logp.gather(-1, index).cpu()

@@ -1,6 +1,7 @@
-"""The knockout localiser of memory heads (roles.knockout, roles.memory_knockout): the knockout matches a forward pass
-with the head's attention edited by hand, a memory head planted at a shallow layer is found exactly, random models
-give nothing beyond chance, and the statistics match exact references."""
+"""The causal localisers of memory heads (knockout: roles.knockout, roles.memory_knockout) and amplification heads
+(patching: roles.amplification_patching): each matches an independent forward pass (the head's attention edited by
+hand; its output replaced by hook), heads planted at shallow layers are found exactly, random models give nothing
+beyond chance, and the statistics match exact references."""
 
 from __future__ import annotations
 
@@ -119,6 +120,16 @@ def test_patching_matches_a_full_forward_with_the_head_output_replaced():
             logits = model(input_ids=batch["input_ids"]).logits[:, -1]
         reference = logits.log_softmax(-1).gather(-1, batch["answers"][:, None])[:, 0]
         torch.testing.assert_close(ours[:, layer * 4 + head], reference, atol=2e-4, rtol=1e-4)
+
+
+def test_a_cache_the_forward_ignores_is_caught(monkeypatch):
+    from headlab.errors import HeadlabError
+    from roles import knockout
+
+    monkeypatch.setattr(knockout, "_cache_argument", lambda model: "ignored_cache")  # swallowed by **kwargs
+    batch = fact_batch()
+    with pytest.raises(HeadlabError, match="did not reproduce the full forward pass"):
+        PrefixRun(fact_model(n_layers=2, init=0.5), batch["input_ids"], batch["subject_mask"])
 
 
 def test_window_plans_cover_consecutive_layers():
