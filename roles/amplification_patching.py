@@ -6,13 +6,14 @@ On the capital prompts the model answers correctly, for every head ``h`` (:meth:
 with a source): its output at the final position, ``z_h``, is replaced by its output on the previous prompt ``b - 1``
 (another country; resample patching, Chan et al. 2022; Heimersheim & Nanda 2024 on patching), and
 
-* ``score_h = mean_b [log p(a_b) - log p_h(a_b)]``, the drop of the correct answer's log-probability;
-* ``control_h``: the same drop for the previous prompt's answer ``a_{b-1}`` (negative when the patched output carries
-  that answer);
-* the same sign-flip test, Benjamini-Hochberg correction and floor (5% of the all-heads effect) as the memory
-  heads' knockout (:func:`roles.memory_knockout.judge`).
+* ``ablation_effect = mean_b drop_h(a_b)``, the drop of the correct answer's log-probability
+  (``drop_h(x) = log p(x) - log p_h(x)``);
+* ``control_h = mean_b drop_h(a_{b-2})``, the same drop for a third prompt's answer (not the source's answer, so
+  that neighbouring prompts' differences share no term; see :func:`roles.memory_knockout.scan_heads`);
+* ``score_h = mean_b [drop_h(a_b) - drop_h(a_{b-2})]`` with the same sign-flip test, Benjamini-Hochberg correction
+  and floor (5% of the all-heads score) as the memory heads' knockout (:func:`roles.memory_knockout.judge`).
 
-A head detected so whose subject knockout did not detect it as a memory head is an amplification head: it carries
+A head so detected is an amplification head unless the knockout found it to be a memory head: it carries
 the answer at the final position without reading the subject there (the attribution detector's verdict excludes
 memory heads the same way). The group check patches the detected heads together against depth-matched random groups.
 """

@@ -3,15 +3,17 @@ not favour any depth (direct logit attribution at the final position favours the
 
 On the capital prompts the model answers correctly, for every head ``h`` (:mod:`roles.knockout`):
 
-* ``score_h = mean_b [log p(a_b) - log p_h(a_b)]``: the drop of the correct answer's log-probability when ``h`` cannot
-  attend from the final position to the subject (Geva et al. 2023, attention knockout);
-* ``control_h``: the same drop for a wrong capital, the answer of another prompt (``a_{b-1}``): a knockout that only
-  lowers every capital's probability is not recall of *this* subject's attribute;
-* ``p_value``: one-sided sign-flip Monte Carlo test of the per-prompt differences (:func:`headlab.statistics.
-  sign_flip_p`), Benjamini-Hochberg corrected over the heads (``p_adjusted``);
-* ``detected``: ``score - control >= floor`` and ``p_adjusted <= alpha``, with ``floor = max(min_effect,
-  FLOOR_SHARE * total)`` and ``total`` the same difference when every head of every layer is knocked out at once
-  (the whole final-position route from the subject through attention).
+* ``drop_h(x) = log p(x) - log p_h(x)`` at the final position, ``p_h`` with ``h`` unable to attend from the final
+  position to the subject (Geva et al. 2023, attention knockout); ``ablation_effect = mean_b drop_h(a_b)``, the drop
+  of the correct answer's log-probability;
+* ``control_h = mean_b drop_h(a_{b-1})``: the same drop for a wrong capital, the answer of another prompt: a knockout
+  that lowers every capital's probability alike is not recall of *this* subject's attribute;
+* ``score_h = mean_b [drop_h(a_b) - drop_h(a_{b-1})]``, the paired difference, with ``p_value`` its one-sided
+  sign-flip Monte Carlo test over prompts (:func:`headlab.statistics.sign_flip_p`), Benjamini-Hochberg corrected
+  over the heads (``p_adjusted``);
+* ``detected``: ``score >= floor`` and ``p_adjusted <= alpha``, with ``floor = max(min_effect, FLOOR_SHARE * total)``
+  and ``total`` the same score when every head of every layer is knocked out at once (the whole final-position route
+  from the subject through attention).
 
 The group check knocks out the detected heads together against ``draws`` random groups *matched in depth* (as many
 heads from each layer as the detected group has there, drawn from that layer's other heads), one-sided Monte Carlo
@@ -42,7 +44,7 @@ heads must write 5% of the logit margin, :data:`roles.rule.FLOORS`)."""
 class KnockoutScan:
     """Per-head and per-window knockout effects on one batch of prompts."""
 
-    score: torch.Tensor  # [L, H] mean drop of log p(correct answer)
+    drop: torch.Tensor  # [L, H] mean drop of log p(correct answer)
     control: torch.Tensor  # [L, H] mean drop of log p(another prompt's answer)
     differences: torch.Tensor  # [B, L, H] per prompt: drop(correct) - drop(wrong)
     total: float  # mean difference with every head of every layer knocked out
@@ -51,8 +53,9 @@ class KnockoutScan:
     clean_log_prob: float  # mean log p(correct answer) of the clean run
 
     @property
-    def effect(self) -> torch.Tensor:
-        return self.score - self.control
+    def score(self) -> torch.Tensor:
+        """``[L, H]``: mean over prompts of ``drop(correct) - drop(wrong)``."""
+        return self.drop - self.control
 
 
 def _drops(run: PrefixRun, plans: torch.Tensor, answers: torch.Tensor, patch: bool
@@ -75,7 +78,8 @@ def _drops(run: PrefixRun, plans: torch.Tensor, answers: torch.Tensor, patch: bo
 def scan_heads(model: nn.Module, batch: dict, window: int | None = None, patch: bool = False) -> KnockoutScan:
     """Knock out every head, every window of ``window`` layers (default :func:`roles.knockout.default_window`) and all
     heads at once, from the final position to ``batch["subject_mask"]``, on ``batch["input_ids"]`` with
-    ``batch["answers"]``; with ``patch``, patch their final-position outputs from the previous prompt instead."""
+    ``batch["answers"]``; with ``patch``, patch their final-position outputs from the previous prompt instead (the
+    wrong answer is then a third prompt's, see ``_drops``)."""
     sites = head_sites(model)
     n_layers, n_heads = len(sites), sites[0].n_heads
     window = window or default_window(n_layers)
@@ -115,7 +119,7 @@ def judge(scan: KnockoutScan, alpha: float, min_effect: float, seed: int) -> Kno
     p_adjusted = benjamini_hochberg(p)
     floor = max(min_effect, FLOOR_SHARE * scan.total)
     shape = scan.score.shape
-    detected = (scan.effect >= floor) & torch.from_numpy(p_adjusted <= alpha).view(shape)
+    detected = (scan.score >= floor) & torch.from_numpy(p_adjusted <= alpha).view(shape)
     return KnockoutVerdict(floor, torch.from_numpy(p).view(shape), torch.from_numpy(p_adjusted).view(shape),
                            detected, draws)
 
@@ -166,9 +170,9 @@ def group_knockout(model: nn.Module, batch: dict, detected: torch.Tensor, draws:
 
 def knockout_rows(scan: KnockoutScan, verdict: KnockoutVerdict, functional: bool | None, role: str = "memory",
                   method: str = "knockout") -> pd.DataFrame:
-    """The ``role`` rows of a role table (:data:`roles.table.COLUMNS`): score and control as above, the effect
-    ``score - control`` as ``ablation_effect`` (``effect_method`` ``method``) with its standard error over prompts,
-    ``functional`` = detected and the group check passed (NA when not run)."""
+    """The ``role`` rows of a role table (:data:`roles.table.COLUMNS`): score, control and ``ablation_effect`` (the
+    drop of the correct answer's log-probability, ``effect_method`` ``method``) as above, the score's standard error
+    over prompts as ``effect_stderr``, ``functional`` = detected and the group check passed (NA when not run)."""
     n_layers, n_heads = scan.score.shape
     layer, head = np.divmod(np.arange(n_layers * n_heads), n_heads)
     stderr = scan.differences.std(0) / max(1, scan.differences.shape[0]) ** 0.5
@@ -177,7 +181,7 @@ def knockout_rows(scan: KnockoutScan, verdict: KnockoutVerdict, functional: bool
         "layer": layer, "head": head, "role": role, "score": scan.score.flatten().numpy(),
         "floor": verdict.floor, "control": scan.control.flatten().numpy(),
         "p_value": verdict.p_value.flatten().numpy(), "p_adjusted": verdict.p_adjusted.flatten().numpy(),
-        "detected": detected, "ablation_effect": scan.effect.flatten().numpy(),
+        "detected": detected, "ablation_effect": scan.drop.flatten().numpy(),
         "effect_stderr": stderr.flatten().numpy(), "effect_method": method, "effect_reference": float("nan"),
         "functional": pd.array(detected & functional if functional is not None else [pd.NA] * len(detected),
                                dtype="boolean"),
@@ -219,7 +223,7 @@ def group_entry(model: nn.Module, batch: dict, scan: KnockoutScan, detected: tor
     draws = max(99, draws_for(alpha))
     size = int(detected.sum())
     known = torch.zeros_like(detected).flatten()
-    known[scan.effect.flatten().argsort(descending=True)[:size]] = True
+    known[scan.score.flatten().argsort(descending=True)[:size]] = True
     chance = torch.zeros_like(known)
     chance[torch.randperm(known.numel(), generator=torch.Generator().manual_seed(seed + 4242))[:size]] = True
     entry: dict = {"method": "patching" if patch else "knockout", "null": "depth-matched random groups",

@@ -69,7 +69,7 @@ def test_a_planted_shallow_memory_head_is_found_exactly(layer, head):
     scan = scan_heads(model, batch, window=2)
     verdict = judge(scan, alpha=0.05, min_effect=0.01, seed=0)
     assert verdict.detected.nonzero().tolist() == [[layer, head]]
-    assert scan.score[layer, head] > 3.0  # the answer is lost: log p drops by nats
+    assert scan.drop[layer, head] > 3.0  # the answer is lost: log p drops by nats
     assert int(scan.windows.argmax()) <= layer < int(scan.windows.argmax()) + 2  # the peak window covers it
     group = group_knockout(model, batch, verdict.detected, draws=19, seed=0)
     assert group.heads == [(layer, head)] and group.effect > max(group.random_effects) + 3.0
@@ -81,7 +81,7 @@ def test_random_models_have_no_memory_or_amplification_heads_beyond_chance(patch
     found, moved = 0, 0.0
     for seed in range(20):
         scan = scan_heads(fact_model(n_layers=4, seed=seed, init=(0.3, 1.0)[seed % 2]), batch, window=2, patch=patch)
-        moved = max(moved, float(scan.effect.abs().max()))
+        moved = max(moved, float(scan.score.abs().max()))
         found += int(judge(scan, alpha=0.05, min_effect=0.01, seed=seed).detected.any())
     assert moved > 0.2  # sharp random heads do move the answer's probability
     # BH at 0.05 over 16 heads: a model of the null gets any detection with probability <= 0.05, so >= 4 of 20 models
