@@ -64,7 +64,7 @@ class RealStages:
     groups: dict[str, dict] = field(default_factory=dict)
     steering: dict | None = None
     notes: list[str] = field(default_factory=list)
-    knockout: dict | None = None  # the memory and amplification localisers' summaries and agreement with attribution
+    localisers: dict | None = None  # the memory and amplification localisers' summaries and agreement with attribution
 
 
 def knowledge_map(loaded: LoadedModel, cfg: DetectConfig, seed: int, ablate: bool
@@ -222,7 +222,7 @@ def real_stages(loaded: LoadedModel, cfg: DetectConfig, length: int, seed: int, 
         stages.groups["induction"] = {**_group_summary(check, cfg), **group_controls(
             loaded.model, batches, check, table.frame, table.shape, cfg, seed)}
     if loaded.kind == "causal_lm" and loaded.tokenizer is not None:
-        knowledge, groups, knowledge_notes, stages.knockout = knowledge_map(loaded, cfg, seed, ablate)
+        knowledge, groups, knowledge_notes, stages.localisers = knowledge_map(loaded, cfg, seed, ablate)
         stages.notes += knowledge_notes
         frames.append(knowledge.frame)
         stages.groups.update(groups)
