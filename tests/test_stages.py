@@ -276,7 +276,14 @@ def test_hf_path_encoder_and_causal_lm(tiny_gpt2_dir, tiny_bert_dir):
              "memory", "amplification", "truthfulness"}
     assert set(gpt2.table.frame["role"]) == roles  # the word tokenizer has no ordinals: no successor detector
     methods = gpt2.scored_rows(STAGES).groupby("role")["method"].first()
-    assert methods["memory"] == methods["amplification"] == "attribution" and methods["truthfulness"] == "probe"
+    assert methods["memory"] == "knockout" and methods["amplification"] == "patching"
+    assert methods["truthfulness"] == "probe"
+    frame = gpt2.table.frame
+    assert set(frame.loc[frame["role"] == "memory", "effect_method"]) == {"knockout"}
+    assert set(frame.loc[frame["role"] == "amplification", "effect_method"]) == {"patching"}
+    for role in ("memory", "amplification"):
+        assert {"agreement", "window_effects", "floor"} <= set(gpt2.extra["localisers"][role])
+    assert any("by attention knockout" in note for note in gpt2.notes)
     assert any("successor detector skipped" in note for note in gpt2.notes)
     assert len(gpt2.table.frame) == 10 * 2 * 4
 

@@ -4,17 +4,23 @@ a causal check:
 ====  =========================  ===========  ====================================================================
 stage head type                  method       evidence and causal check
 ====  =========================  ===========  ====================================================================
-KR    memory heads               attribution  attention to the subject + direct logit attribution on capital
-                                              prompts (:mod:`roles.knowledge`); ablated against random heads on the
-                                              answer's loss
+KR    memory heads               knockout     attention knockout from the final position to the subject on the
+                                              capital prompts answered correctly (:mod:`roles.memory_knockout`),
+                                              a depth-neutral causal test; the detected group knocked out against
+                                              depth-matched random groups. The attribution verdict (subject attention
+                                              + direct logit attribution, :mod:`roles.knowledge`) is kept for
+                                              comparison in ``localisers`` of the summary and a note
 ICI   previous-token, duplicate, detector     attention detectors with controls (:mod:`roles.real`); ablated on the
       name-mover heads                        induction loss
 LR    induction, successor       detector     as above (successor: OV succession over ordinal tokens)
 LR    truthfulness heads         probe        a linear probe per head on true/false capital statements (cache +
                                               probe, the Inference-Time Intervention recipe); steering the top heads
                                               along their directions against random directions
-EP    amplification heads        attribution  direct logit attribution without subject attention; ablated against
-                                              random heads on the answer's loss
+EP    amplification heads        patching     the head's final-position output patched from another prompt lowers
+                                              the answer's log-probability (:mod:`roles.amplification_patching`),
+                                              knockout memory heads excluded; the detected group patched against
+                                              depth-matched random groups. The attribution verdict (direct logit
+                                              attribution without subject attention) is kept for comparison
 ====  =========================  ===========  ====================================================================
 
 Every scored (head, role) becomes a row with its method and evidence, detected or not, so negative findings show.
@@ -32,8 +38,10 @@ import torch
 
 from headlab.models import LoadedModel, input_device
 from headlab.statistics import draws_for
+from roles.amplification_patching import patching_amplification
 from roles.knowledge import capitals_batch
-from roles.mapping import Batches, DetectConfig, GroupCheck, group_check, map_heads
+from roles.mapping import Batches, DetectConfig, GroupCheck, map_heads
+from roles.memory_knockout import agreement, knockout_memory
 from roles.real import map_real_model, task_batches
 from roles.registry import measure_heads
 from roles.stages.controls import group_controls, logit_direction
@@ -41,7 +49,7 @@ from roles.table import RoleTable
 
 log = logging.getLogger("headlab")
 
-METHODS: dict[str, str] = {"memory": "attribution", "amplification": "attribution", "truthfulness": "probe"}
+METHODS: dict[str, str] = {"memory": "knockout", "amplification": "patching", "truthfulness": "probe"}
 """role -> the survey's method that measures it; every other role: ``detector``."""
 TRUTH_FLOOR = 0.7
 """Held-out accuracy a truthfulness probe must reach (chance 0.5 on the balanced capitals set), with its BH-corrected
@@ -56,12 +64,14 @@ class RealStages:
     groups: dict[str, dict] = field(default_factory=dict)
     steering: dict | None = None
     notes: list[str] = field(default_factory=list)
+    localisers: dict | None = None  # the memory and amplification localisers' summaries and agreement with attribution
 
 
 def knowledge_map(loaded: LoadedModel, cfg: DetectConfig, seed: int, ablate: bool
-                  ) -> tuple[RoleTable, dict, list[str]]:
-    """Memory and amplification heads on the capital prompts the model answers correctly, ablated on the answer's
-    loss; the group checks of both, and a note of how many prompts were kept."""
+                  ) -> tuple[RoleTable, dict, list[str], dict]:
+    """Memory heads by knockout and amplification heads by final-position patching on the capital prompts the model
+    answers correctly; the group checks of both, notes (how many prompts were kept, where the causal and the
+    attribution verdicts agree), and the summaries of both localisers with that agreement."""
     model, tokenizer = loaded.model, loaded.tokenizer
     detect = capitals_batch(tokenizer, cfg.batch_size, seed + 1, model=model)
     right, total = int(detect["n_correct"]), int(detect["n_candidates"])
@@ -72,19 +82,36 @@ def knowledge_map(loaded: LoadedModel, cfg: DetectConfig, seed: int, ablate: boo
     size = cfg.eval_size(toy=False)
     batches = Batches(detect, capitals_batch(tokenizer, size, seed + 2, model=model),
                       capitals_batch(tokenizer, size, seed + 3, model=model))
-    head_map = map_heads(model, batches, "memory", cfg, seed, evidence=evidence, null={}, ablate=ablate)
-    groups = {}
-    if ablate:
-        for role in ("memory", "amplification"):
-            rows = head_map.table.rows(role)
-            detected = torch.zeros(head_map.table.shape, dtype=torch.bool)
-            for row in rows[rows["detected"]].itertuples():
-                detected[row.layer, row.head] = True
-            check = group_check(model, batches, detected, cfg, seed)
-            if check is not None:
-                groups[role] = {**_group_summary(check, cfg), **group_controls(
-                    model, batches, check, head_map.table.frame, head_map.table.shape, cfg, seed)}
-    return head_map.table, groups, notes
+    attributed = map_heads(model, batches, "memory", cfg, seed, evidence=evidence, null={}, ablate=False).table
+    evaluate = {k: v[:cfg.group_batch_size] if torch.is_tensor(v) and v.ndim >= 1 and k != "distractors" else v
+                for k, v in batches.eval.items()}
+    memory_rows, knocked, memory_group, memory = knockout_memory(model, detect, evaluate, cfg.alpha,
+                                                                 cfg.min_effect, seed, check=ablate)
+    amplification_rows, patched, amplification_group, amplification = patching_amplification(
+        model, detect, evaluate, knocked, cfg.alpha, cfg.min_effect, seed, check=ablate)
+    groups = {role: group for role, group in (("memory", memory_group), ("amplification", amplification_group))
+              if group is not None}
+    memory["agreement"] = agreement(knocked, _detected(attributed, "memory"), "knockout")
+    amplification["agreement"] = agreement(patched, _detected(attributed, "amplification"), "patching")
+    notes += [_agreement_note("KR memory", memory["agreement"], "knockout", "attention knockout"),
+              _agreement_note("EP amplification", amplification["agreement"], "patching", "final-position patching")]
+    table = RoleTable(pd.concat([memory_rows, amplification_rows], ignore_index=True))
+    return table, groups, notes, {"memory": memory, "amplification": amplification}
+
+
+def _detected(table: RoleTable, role: str) -> torch.Tensor:
+    rows = table.rows(role)
+    detected = torch.zeros(table.shape, dtype=torch.bool)
+    for row in rows[rows["detected"]].itertuples():
+        detected[row.layer, row.head] = True
+    return detected
+
+
+def _agreement_note(what: str, counts: dict, method: str, name: str) -> str:
+    return (f"{what} heads: {counts[method]} by {name} (layers {counts[method + '_layers']}), "
+            f"{counts['attribution']} by the attribution detector (layers {counts['attribution_layers']}); "
+            f"{counts['both']} found by both, {counts[method + '_only']} by {method} only, "
+            f"{counts['attribution_only']} by attribution only")
 
 
 def _group_summary(check: GroupCheck, cfg: DetectConfig) -> dict:
@@ -195,13 +222,14 @@ def real_stages(loaded: LoadedModel, cfg: DetectConfig, length: int, seed: int, 
         stages.groups["induction"] = {**_group_summary(check, cfg), **group_controls(
             loaded.model, batches, check, table.frame, table.shape, cfg, seed)}
     if loaded.kind == "causal_lm" and loaded.tokenizer is not None:
-        knowledge, groups, knowledge_notes = knowledge_map(loaded, cfg, seed, ablate)
+        knowledge, groups, knowledge_notes, stages.localisers = knowledge_map(loaded, cfg, seed, ablate)
         stages.notes += knowledge_notes
         frames.append(knowledge.frame)
         stages.groups.update(groups)
         truth, stages.steering = truthfulness_rows(loaded, work, cfg, seed, probe_limit, steer=ablate)
         frames.append(truth)
-        stages.notes.append("KR/EP: memory and amplification heads by direct logit attribution on capital prompts; "
+        stages.notes.append("KR: memory heads by attention knockout, EP: amplification heads by final-position "
+                            "patching, both on capital prompts; "
                             "LR: truthfulness heads by probing capitals statements"
                             + ("" if ablate else " (no causal checks: --ablate false)"))
     table = pd.concat(frames, ignore_index=True)

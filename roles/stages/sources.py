@@ -118,5 +118,5 @@ def map_hf_model(spec: str, detection: DetectConfig, length: int, seed: int, abl
         real = real_stages(loaded, detection, length, seed, ablate, Path(work or tmp), probe_limit)
     table = RoleTable(real.table)
     n_layers, n_heads = table.shape
-    extra = {"groups": real.groups, "steering": real.steering}
+    extra = {"groups": real.groups, "steering": real.steering, "localisers": real.localisers}
     return ModelHeads(name, loaded.kind, int(n_layers), int(n_heads), table, spec, None, real.notes, extra)
