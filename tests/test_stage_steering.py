@@ -38,6 +38,7 @@ HEAD = (1, 2)  # layer 1, head 2 of the tiny Llama (4 heads of 8 dims: the o_pro
 U = 12345  # the planted direction's seed; not a seed the checks draw their random directions with
 TRUE, FALSE = [5, 6], [[9], [11, 12], [13]]
 PROMPTS = [[3, 4, 7, 8], [10, 14, 15], [16, 17, 18, 19, 20], [21, 22]]
+PAIRS = [("france", "paris"), ("germany", "berlin"), ("italy", "rome")]  # in the word tokenizer's vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -209,11 +210,10 @@ def test_truth_verdict_rules():
 def test_stage_check_on_a_random_model_its_controls_and_dose_table(model):
     """Random "probe" directions on a random model: not functional; the direct-path positive control passes the same
     statistic; the dose table holds every (K, +-alpha) with its KL on generic text."""
-    pairs = [("france", "paris"), ("germany", "berlin"), ("italy", "rome")]
     units = {(layer, head): _unit(200 + 4 * layer + head) for layer in range(2) for head in range(4)}
     cfg = TruthSteeringConfig(ks=(1, 2), alphas=(2.0,), main_k=2, main_alpha=2.0, n_random=39, n_random_dose=19,
                               n_random_heads=4, n_prompts=3, n_false=2, n_texts=4)
-    out = truth_steering(model, word_tokenizer(bos=True), [(1, 0), (1, 1)], units, 4, 0, cfg, pairs)
+    out = truth_steering(model, word_tokenizer(bos=True), [(1, 0), (1, 1)], units, 4, 0, cfg, PAIRS)
     assert out["verdict"] == UNUSED and out["decided_by"] == "steering:R1" and not out["passed"]
     assert out["positive_control_passed"] and out["positive_control_p"] == pytest.approx(1 / 40)
     assert not out["negative_control_passed"]
@@ -225,3 +225,33 @@ def test_stage_check_on_a_random_model_its_controls_and_dose_table(model):
 
 def test_no_detected_heads_is_not_detected(model):
     assert truth_steering(model, word_tokenizer(bos=True), [], {}, 4, 0)["verdict"] == NOT_DETECTED
+
+
+def test_a_tokenizer_that_cannot_tell_capitals_apart_gives_a_check_that_did_not_run(model):
+    """The word tokenizer knows no capitalised country or capital: every answer is [UNK], so R1 has nothing to
+    compare; the check says so instead of failing the stage map."""
+    out = truth_steering(model, word_tokenizer(bos=True), [(1, 0)], {(1, 0): _unit(3)}, 4, 0)
+    assert out["verdict"] == UNUSED and out["p_value"] is None and "distinct first tokens" in out["note"]
+
+
+def test_steer_truth_ranks_detected_heads_and_reads_the_probe_table(model, tmp_path):
+    """roles/stages/real.py's entry point: heads ranked by validation accuracy, directions from the probe's
+    directions.safetensors (mass_mean_direction [layers, heads, 1, d_head])."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+    from safetensors.numpy import save_file
+
+    from headlab.models import LoadedModel
+    from roles.stages.real import steer_truth
+
+    table = np.stack([np.stack([_unit(300 + 4 * layer + head).numpy()[None] for head in range(4)])
+                      for layer in range(2)]).astype(np.float32)
+    save_file({"mass_mean_direction": table}, str(tmp_path / "directions.safetensors"))
+    detected = pd.DataFrame({"layer": [1, 0, 1], "head": [0, 3, 2], "val_accuracy": [0.8, 0.9, 0.85]})
+    cfg = TruthSteeringConfig(ks=(2,), alphas=(2.0,), main_k=2, main_alpha=2.0, n_random=19, n_random_heads=2,
+                              n_prompts=3, n_false=2, n_texts=4)
+    loaded = LoadedModel(model, word_tokenizer(bos=True), "tiny", "tiny")
+    out = steer_truth(loaded, SimpleNamespace(layers=[0, 1]), tmp_path, detected, 0, config=cfg, pairs=PAIRS)
+    assert out["heads"] == [[0, 3], [1, 2]]  # the two best by validation accuracy
+    assert out["verdict"] in (FUNCTIONAL, UNUSED) and out["config"]["main_k"] == 2

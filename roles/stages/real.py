@@ -128,10 +128,11 @@ def truthfulness_rows(loaded: LoadedModel, work: Path, cfg: DetectConfig, seed: 
 
 @torch.no_grad()
 def steer_truth(loaded: LoadedModel, cache, probe_dir: Path, detected: pd.DataFrame, seed: int,
-                significance: float = 0.05, config: TruthSteeringConfig | None = None) -> dict:
+                significance: float = 0.05, config: TruthSteeringConfig | None = None,
+                pairs: list[tuple[str, str]] | None = None) -> dict:
     """The R1 steering check (:func:`roles.stages.truth_steering.truth_steering`) of the detected heads, ranked by
     validation accuracy, along their mass-mean truth directions; every head's direction is passed for the
-    depth-matched random heads."""
+    depth-matched random heads. ``pairs``: (country, capital) pairs to prompt with (default: the shipped table)."""
     from probes.report import load_directions
 
     config = config or TruthSteeringConfig(significance=significance, n_random=draws_for(significance / 5))
@@ -140,7 +141,7 @@ def steer_truth(loaded: LoadedModel, cache, probe_dir: Path, detected: pd.DataFr
     table, _ = load_directions(probe_dir / "directions.safetensors")
     units = mass_mean_units(table, cache.layers)
     n_heads = table["mass_mean_direction"].shape[1]
-    return truth_steering(loaded.model, loaded.tokenizer, ranked, units, n_heads, seed, config)
+    return truth_steering(loaded.model, loaded.tokenizer, ranked, units, n_heads, seed, config, pairs)
 
 
 def real_stages(loaded: LoadedModel, cfg: DetectConfig, length: int, seed: int, ablate: bool, work: Path,

@@ -187,6 +187,13 @@ def _controls(model, batch, first, scaled, heads, cfg, seed) -> dict:
     return out
 
 
+def not_run(reason: str, cfg: TruthSteeringConfig) -> dict:
+    """The steering dict of a check that could not run (``note`` says why): detected heads stay unshown to be used."""
+    return {"verdict": UNUSED, "readout": "R1", "decided_by": "steering:R1", "note": reason, "passed": False,
+            "p_value": None, "min_attainable_p": None, "significance": cfg.significance,
+            "positive_control_passed": None, "negative_control_passed": None}
+
+
 def truth_verdict(detected: bool, main: Mapping | None) -> str:
     """``functional`` (the main check passed and ``-alpha`` reversed the sign), ``carries information but was not
     shown to be used`` (detected, check not passed) or ``not detected``."""
@@ -207,7 +214,10 @@ def truth_steering(model: nn.Module, tokenizer, ranked: list[Head], units: Mappi
     if not ranked:
         return {"verdict": NOT_DETECTED, "readout": "R1"}
     device = input_device(model)
-    batch, first = capital_candidates(tokenizer, cfg.n_prompts, cfg.n_false, seed + 5, pairs)
+    try:
+        batch, first = capital_candidates(tokenizer, cfg.n_prompts, cfg.n_false, seed + 5, pairs)
+    except HeadlabError as error:  # a tokenizer that cannot tell the capitals apart: the check cannot run
+        return not_run(str(error), cfg)
     batch = batch.to(device)
     generic = {name: t.to(device) for name, t in text_inputs(tokenizer, cfg.n_texts, seed).items()}
     sigma = edit_sigma(model, batch.inputs, batch.edit, units)
