@@ -13,7 +13,8 @@ same code and the same statistics:
   is the one-pair form of that direction.
 
 Each entry of ``checks``: ``name, p_value, min_attainable_p, passed, positive_control_passed,
-negative_control_passed`` (None where a control could not be run, with the reason in ``note``).
+negative_control_passed`` (None where a control could not be run, with the reason in ``note``); the steering entry
+adds its ``readout`` (R1) and the truthfulness ``verdict``.
 """
 
 from __future__ import annotations
@@ -83,5 +84,6 @@ def check_entries(groups: dict[str, dict], steering: dict | None, alpha: float) 
                         "min_attainable_p": steering["min_attainable_p"], "passed": steering["passed"],
                         "positive_control_passed": steering.get("positive_control_passed"),
                         "negative_control_passed": steering.get("negative_control_passed"),
-                        "alpha": steering["significance"]})
+                        "alpha": steering["significance"], "readout": steering.get("readout"),
+                        "verdict": steering.get("verdict"), "note": steering.get("note")})
     return entries
