@@ -124,19 +124,23 @@ def scores(model: nn.Module, batch: CandidateBatch, fn: HeadFn | None = None) ->
 def edit_sigma(model: nn.Module, inputs: dict[str, torch.Tensor], positions: torch.Tensor,
                units: Mapping[Head, torch.Tensor]) -> dict[Head, float]:
     """``{head: sigma_h}``: the population std of ``z_h . theta_h`` over the positions marked in ``positions``
-    (bool ``[batch, seq]``), ``theta_h = units[head]`` (``[d_head]``, unit norm), on the unedited model."""
+    (bool ``[batch, seq]``), ``theta_h = units[head]`` (unit norm, ``[d_head]`` or one per row ``[batch, d_head]``),
+    on the unedited model."""
     wanted: dict[int, list[int]] = {}
     for layer, head in units:
         wanted.setdefault(int(layer), []).append(int(head))
-    captured: dict[Head, torch.Tensor] = {}
+    projected: dict[Head, torch.Tensor] = {}
 
     def capture(layer: int, z: torch.Tensor) -> None:
         for head in wanted.get(layer, []):
-            captured[(layer, head)] = z[:, :, head][positions.to(z.device)].detach().float().cpu()
+            unit = units[(layer, head)].to(z.device, torch.float32)
+            unit = unit[:, None] if unit.ndim == 2 else unit  # [batch, 1, d_head]: one direction per row
+            proj = (z[:, :, head].float() * unit).sum(-1)  # [batch, seq]
+            projected[(layer, head)] = proj[positions.to(z.device)].cpu()
 
     with hook_heads(model, capture, layers=sorted(wanted)):
         model(**inputs)
-    return {h: float((captured[(int(h[0]), int(h[1]))] @ units[h].float()).std(unbiased=False)) for h in units}
+    return {h: float(projected[(int(h[0]), int(h[1]))].std(unbiased=False)) for h in units}
 
 
 @torch.no_grad()

@@ -133,6 +133,22 @@ def test_edit_sigma_is_the_std_of_the_projection_at_the_edited_positions(model, 
         float(np.std(projections)), rel=1e-5)
 
 
+def test_edit_sigma_with_one_direction_per_row(model, batch):
+    """Per-row directions: each row's projections on its own direction, pooled over the edited positions."""
+    seen = []
+    handle = _o_proj(model, 1).register_forward_pre_hook(lambda _m, args: seen.append(args[0][..., 16:24].clone()))
+    try:
+        with torch.no_grad():
+            model(**batch.inputs)
+    finally:
+        handle.remove()
+    rows = torch.stack([_unit(400 + r) for r in range(batch.input_ids.shape[0])])  # [rows, d_head]
+    by_hand = [float(seen[0][r, t] @ rows[r]) for r in range(rows.shape[0]) for t in range(batch.edit.shape[1])
+               if batch.edit[r, t]]
+    got = edit_sigma(model, batch.inputs, batch.edit, {HEAD: rows})[HEAD]
+    assert got == pytest.approx(float(np.std(by_hand)), rel=1e-5)
+
+
 def test_edit_kl_matches_kl_div_of_an_independent_edit(model, batch):
     inputs = batch.inputs
     shift = 3.0 * _unit(1)
@@ -200,6 +216,20 @@ def test_scores_read_the_unedited_and_edited_model(planted, batch):
     assert up["margin"] > base["margin"] and up["mc2"] > base["mc2"]
 
 
+def test_answer_logit_directions_by_hand(model):
+    """W_O[h] diag(g) (W_U[true] - mean W_U[false]) per prompt, repeated over the prompt's candidates."""
+    from roles.stages.truth_steering import answer_logit_directions
+
+    first = torch.tensor([[5, 9, 11], [13, 5, 9]])
+    got = answer_logit_directions(model, [HEAD], first, 3)[HEAD]
+    w_u, gain = model.lm_head.weight.detach(), model.model.norm.weight.detach()
+    w_o = _o_proj(model, 1).weight.detach()[:, 16:24]  # [d_model, d_head]: the head's columns of o_proj
+    for row, (t, *f) in enumerate(first.tolist()):
+        expected = w_o.T @ (gain * (w_u[t] - w_u[f].mean(0)))
+        for c in range(3):
+            assert torch.allclose(got[3 * row + c], expected, atol=1e-5)
+
+
 def test_truth_verdict_rules():
     assert truth_verdict(False, None) == NOT_DETECTED
     assert truth_verdict(True, {"passed": True, "shift_negative": -0.1}) == FUNCTIONAL
@@ -208,14 +238,16 @@ def test_truth_verdict_rules():
 
 
 def test_stage_check_on_a_random_model_its_controls_and_dose_table(model):
-    """Random "probe" directions on a random model: not functional; the direct-path positive control passes the same
-    statistic; the dose table holds every (K, +-alpha) with its KL on generic text."""
+    """Random "probe" directions on a random model: not functional; the direct-path positive control (the last
+    layer's heads) passes the same statistic; the dose table holds every (K, +-alpha) with its KL on generic text."""
     units = {(layer, head): _unit(200 + 4 * layer + head) for layer in range(2) for head in range(4)}
     cfg = TruthSteeringConfig(ks=(1, 2), alphas=(2.0,), main_k=2, main_alpha=2.0, n_random=39, n_random_dose=19,
                               n_random_heads=4, n_prompts=3, n_false=2, n_texts=4)
     out = truth_steering(model, word_tokenizer(bos=True), [(1, 0), (1, 1)], units, 4, 0, cfg, PAIRS)
     assert out["verdict"] == UNUSED and out["decided_by"] == "steering:R1" and not out["passed"]
     assert out["positive_control_passed"] and out["positive_control_p"] == pytest.approx(1 / 40)
+    assert out["positive_control_heads"] == [[1, 0], [1, 1]]  # the last layer's heads
+    assert out["positive_control_shift"] > 0 > out["positive_control_shift_negative"]
     assert not out["negative_control_passed"]
     assert [(row["k"], row["alpha"]) for row in out["dose_response"]] == [(1, 2.0), (1, -2.0), (2, 2.0), (2, -2.0)]
     assert all(row["kl"] > 0 for row in out["dose_response"])

@@ -12,9 +12,11 @@ shift the probe's heads along their mass-mean truth directions at the last promp
   the edit's KL on generic text (:func:`probes.answer_steering.edit_kl`) so methods compare at equal disruption.
 * **Second comparison.** ``K`` random heads matched in depth (for each steered head another head of its layer) along
   their own mass-mean directions, scaled the same way: the share of such sets whose shift reaches the probe's.
-* **Positive control.** Each head's direct-path direction ``W_O[h] (W_U[true] - mean_i W_U[false_i])`` (first answer
-  tokens, per prompt), scaled to the probe direction's norm: it moves R1 by construction, so it must pass the same
-  statistic. **Negative control.** Random directions in place of the probe's, which must not pass.
+* **Positive control.** As many heads of the last layers, each along its direct-path direction
+  ``W_O[h] diag(g) (W_U[true] - mean_i W_U[false_i])`` (first answer tokens, per prompt; ``g`` the final norm's gain)
+  scaled by its sigma at the edited positions: it moves R1 by construction, so it must pass the same statistic (in
+  middle layers the direct path is a small part of a head's effect, so the probe's own heads would not show that the
+  readout can respond). **Negative control.** Random directions in place of the probe's, which must not pass.
 * **Verdict.** ``functional`` when the main check (``main_k`` heads at ``main_alpha``) passes and ``-alpha`` reverses
   the sign; ``carries information but was not shown to be used`` for detected heads otherwise; ``not detected``
   without detected heads.
@@ -39,6 +41,7 @@ from headlab.placement import real_tensor
 from probes.answer_steering import CandidateBatch, candidate_batch, edit_kl, edit_sigma, r1_readout, scores
 from probes.steering import steering_check
 from roles.batches import text_frame
+from roles.ov import final_norm_gain
 
 Head = tuple[int, int]
 TEMPLATE = "The capital of {country} is"
@@ -61,7 +64,7 @@ class TruthSteeringConfig:
     n_random_heads: int = 19
     """Depth-matched random head sets."""
     significance: float = 0.05
-    n_prompts: int = 16
+    n_prompts: int = 8
     n_false: int = 3
     """False capitals per prompt (the MC2 share's denominator)."""
     n_texts: int = 16
@@ -106,16 +109,28 @@ def text_inputs(tokenizer, n_texts: int, seed: int) -> dict[str, torch.Tensor]:
 
 def answer_logit_directions(model: nn.Module, heads: list[Head], first: torch.Tensor, n_candidates: int
                             ) -> dict[Head, torch.Tensor]:
-    """``{head: [N * C, d_head]}``: per prompt, ``W_O[h] (W_U[true] - mean_i W_U[false_i])`` on the first answer
-    tokens ``first [N, C]``, repeated for each of the prompt's ``C`` sequences (the positive control's direction)."""
+    """``{head: [N * C, d_head]}``: per prompt, ``W_O[h] diag(g) (W_U[true] - mean_i W_U[false_i])`` on the first
+    answer tokens ``first [N, C]`` (``g`` the final norm's gain, folded into ``W_U``), repeated for each of the
+    prompt's ``C`` sequences: the head-output direction that raises the true answer's first logit over the false
+    ones' most through the direct path (the positive control's direction)."""
     w_u = real_tensor(model.get_output_embeddings(), "weight").detach().float()  # [vocab, d_model]
+    gain = final_norm_gain(model)
     target = w_u[first[:, 0]] - w_u[first[:, 1:]].mean(1)  # [N, d_model]
+    target = target if gain is None else target * gain
     sites = head_sites(model)
     out = {}
     for layer, head in heads:
         w_o, _ = output_weights(sites[layer])  # [heads, d_head, d_model]
-        out[(layer, head)] = (target @ w_o[head].detach().float().T).repeat_interleave(n_candidates, 0)
+        out[(layer, head)] = (target @ w_o[head].detach().float().cpu().T).repeat_interleave(n_candidates, 0)
     return out
+
+
+def last_heads(model: nn.Module, k: int) -> list[Head]:
+    """The ``k`` heads of the last layers (the final layer's first, in head order): where the direct path to the
+    logits is most of a head's effect."""
+    sites = head_sites(model)
+    everyone = [(site.layer, head) for site in reversed(sites) for head in range(site.n_heads)]
+    return everyone[:k]
 
 
 def mass_mean_units(table: Mapping[str, np.ndarray], layers: list[int]) -> dict[Head, torch.Tensor]:
@@ -168,23 +183,36 @@ def _random_heads(model, batch, scaled, heads, base, shift, n_heads, cfg, seed) 
     return {"random_heads_shifts": shifts, "random_heads_p": p}
 
 
-def _controls(model, batch, first, scaled, heads, cfg, seed) -> dict:
-    """The positive control (direct-path directions, must pass) and the negative control (random directions in place
-    of the probe's, must not), both through the main check's statistic."""
-    norms = {h: scaled[h].norm() for h in heads}
+def positive_control(model: nn.Module, batch: CandidateBatch, first: torch.Tensor, k: int, cfg: TruthSteeringConfig,
+                     seed: int) -> dict:
+    """The positive control: the ``k`` heads of the last layers along their direct-path directions
+    (:func:`answer_logit_directions`), scaled by their sigma at the edited positions, through the main check's
+    statistic at ``main_alpha``; it moves R1 by construction, so it must pass."""
+    heads = last_heads(model, k)
     raw = answer_logit_directions(model, heads, first, batch.n_candidates)
-    known = {h: raw[h] / raw[h].norm(dim=-1, keepdim=True) * norms[h] for h in heads}
+    units = {h: (d / d.norm(dim=-1, keepdim=True)).to(batch.edit.device) for h, d in raw.items()}
+    sigma = edit_sigma(model, batch.inputs, batch.edit, units)
+    directions = {h: units[h] * sigma[h] for h in heads}
+    result = steering_check(model, batch.inputs, r1_readout(batch), directions, cfg.main_alpha,
+                            n_random=cfg.n_random, seed=seed + 1, significance=cfg.significance,
+                            positions=batch.edit)
+    return {"positive_control_passed": result.passed, "positive_control_p": result.p_value,
+            "positive_control_shift": result.shift, "positive_control_shift_negative": result.shift_negative,
+            "positive_control_heads": [list(h) for h in heads]}
+
+
+def negative_control(model: nn.Module, batch: CandidateBatch, scaled: Mapping[Head, torch.Tensor],
+                     heads: list[Head], cfg: TruthSteeringConfig, seed: int) -> dict:
+    """The negative control: random directions of the probe directions' norms in their place, through the main
+    check's statistic; it must not pass (it does with probability at most about ``significance / 2``)."""
     generator = torch.Generator().manual_seed(seed + 99)
     noise = {h: torch.randn(scaled[h].shape, generator=generator) for h in heads}
-    out = {}
-    for name, directions, offset in (("positive", known, 1), ("negative", noise, 2)):
-        directions = {h: d / d.norm(dim=-1, keepdim=True) * norms[h] for h, d in directions.items()}
-        result = steering_check(model, batch.inputs, r1_readout(batch), directions, cfg.main_alpha,
-                                n_random=cfg.n_random, seed=seed + offset, significance=cfg.significance,
-                                positions=batch.edit)
-        out |= {f"{name}_control_passed": result.passed, f"{name}_control_p": result.p_value,
-                f"{name}_control_shift": result.shift}
-    return out
+    directions = {h: n / n.norm() * scaled[h].norm() for h, n in noise.items()}
+    result = steering_check(model, batch.inputs, r1_readout(batch), directions, cfg.main_alpha,
+                            n_random=cfg.n_random, seed=seed + 2, significance=cfg.significance,
+                            positions=batch.edit)
+    return {"negative_control_passed": result.passed, "negative_control_p": result.p_value,
+            "negative_control_shift": result.shift}
 
 
 def not_run(reason: str, cfg: TruthSteeringConfig) -> dict:
@@ -247,7 +275,8 @@ def truth_steering(model: nn.Module, tokenizer, ranked: list[Head], units: Mappi
             "random_direction_kl": random_kl, "dose_response": dose, "prompts": batch.n_prompts,
             "n_false": batch.n_candidates - 1, "config": asdict(cfg),
             **_random_heads(model, batch, scaled, heads, base["margin"], main["shift"], n_heads, cfg, seed),
-            **_controls(model, batch, first, scaled, heads, cfg, seed)}
+            **positive_control(model, batch, first, main_k, cfg, seed),
+            **negative_control(model, batch, scaled, heads, cfg, seed)}
 
 
 def steered_kl(dose: list[dict], k: int, cfg: TruthSteeringConfig) -> float:
