@@ -250,7 +250,8 @@ def test_stage_check_on_a_random_model_its_controls_and_dose_table(model):
     assert out["positive_control_shift"] > 0 > out["positive_control_shift_negative"]
     assert not out["negative_control_passed"]
     assert [(row["k"], row["alpha"]) for row in out["dose_response"]] == [(1, 2.0), (1, -2.0), (2, 2.0), (2, -2.0)]
-    assert all(row["kl"] > 0 for row in out["dose_response"])
+    assert all(row["kl"] > 0 and 0 < row["mc2"] < 1 for row in out["dose_response"])
+    assert out["dose_response"][2]["mc2"] == pytest.approx(out["steered_mc2"])  # K = 2 at +alpha: the main dose
     assert out["min_attainable_p"] == pytest.approx(1 / 40) and out["prompts"] == 3 and out["n_false"] == 2
     assert set(out["sigma"]) == {"1.0", "1.1"} and out["random_heads_p"] is not None
 

@@ -155,7 +155,7 @@ def _matched_heads(heads: list[Head], n_heads: int, generator: torch.Generator) 
 
 def _dose(model, batch, generic, scaled, heads, alpha, draws, cfg, seed) -> tuple[dict, list[dict]]:
     """The steering check of ``heads`` at ``alpha`` with ``draws`` random direction sets: its result dict and two dose
-    rows (``+alpha``, ``-alpha``)."""
+    rows (``+alpha``, ``-alpha``: margin shift, MC2 share, KL on generic text)."""
     directions = {h: scaled[h] for h in heads}
     significance = max(cfg.significance, 1 / (draws + 1))  # a descriptive dose may have too few draws to pass
     result = steering_check(model, batch.inputs, r1_readout(batch), directions, alpha, n_random=draws,
@@ -164,6 +164,7 @@ def _dose(model, batch, generic, scaled, heads, alpha, draws, cfg, seed) -> tupl
     for sign, shift in ((1, result.shift), (-1, result.shift_negative)):
         rows.append({"k": len(heads), "alpha": sign * alpha, "margin_shift": shift,
                      "p_value": result.p_value if sign > 0 else None, "n_random": draws,
+                     "mc2": scores(model, batch, steer(directions, sign * alpha, batch.edit))["mc2"],
                      "kl": edit_kl(model, generic, steer(directions, sign * alpha))})
     return result.as_dict(), rows
 
