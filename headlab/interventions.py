@@ -78,8 +78,8 @@ def replace_heads(heads: Iterable[Head], source: Mapping[int, torch.Tensor]) -> 
 def steer(directions: Mapping[Head, torch.Tensor], alpha: float, positions: torch.Tensor | None = None) -> HeadFn:
     """Add ``alpha * direction`` to ``z_h`` of each head (Inference-Time Intervention, Li et al. 2023).
 
-    ``directions[(layer, head)]`` is ``[d_head]``; ``positions`` (bool ``[batch, seq]``) limits where to add,
-    default every position.
+    ``directions[(layer, head)]`` is ``[d_head]`` (one direction for every row) or ``[batch, d_head]`` (one per row);
+    ``positions`` (bool ``[batch, seq]``) limits where to add, default every position.
     """
     per_layer: dict[int, list[tuple[int, torch.Tensor]]] = {}
     for (layer, head), direction in directions.items():
@@ -91,10 +91,12 @@ def steer(directions: Mapping[Head, torch.Tensor], alpha: float, positions: torc
         z = z.clone()
         for head, direction in per_layer[layer]:
             shift = alpha * direction.to(z.device, z.dtype)
+            if shift.ndim == 2:  # [batch, d_head] -> [batch, 1, d_head], broadcast over positions
+                shift = shift[:, None]
             if positions is None:
                 z[:, :, head] += shift
             else:
-                z[:, :, head] += positions[..., None].to(z.dtype) * shift
+                z[:, :, head] += positions[..., None].to(z.device, z.dtype) * shift
         return z
 
     return fn

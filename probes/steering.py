@@ -101,10 +101,13 @@ def _readout(model: nn.Module, inputs: dict[str, torch.Tensor], readout: Readout
 
 def steering_check(model: nn.Module, inputs: dict[str, torch.Tensor], readout: Readout,
                    directions: Mapping[tuple[int, int], torch.Tensor], alpha: float, n_random: int = 39,
-                   seed: int = 0, significance: float = 0.05) -> SteeringResult:
+                   seed: int = 0, significance: float = 0.05, positions: torch.Tensor | None = None
+                   ) -> SteeringResult:
     """Steer ``model`` on ``inputs`` along ``directions`` (``{(layer, head): [d_head]}``, already scaled by each
     head's std) with ``+alpha`` and ``-alpha``, and along ``n_random`` random direction sets of equal per-head
     norms; report the mean readout shifts and the Monte Carlo p-value of the probe's shift among the random ones.
+    ``positions`` (bool ``[batch, seq]``) limits every edit to those positions (default: every position); a
+    direction may be ``[batch, d_head]`` (one per row), its random counterparts then too.
     Refuses ``n_random`` below :func:`headlab.statistics.draws_for` ``(significance)``: such a check could not pass.
     Hooks are removed afterwards, even on error."""
     if min_attainable_p(n_random) > significance:
@@ -113,16 +116,17 @@ def steering_check(model: nn.Module, inputs: dict[str, torch.Tensor], readout: R
                            f"check could never pass at {significance}; use at least "
                            f"{draws_for(significance)} random directions")
     base = _readout(model, inputs, readout)
-    shift = float((_readout(model, inputs, readout, steer(directions, alpha)) - base).mean())
-    shift_neg = float((_readout(model, inputs, readout, steer(directions, -alpha)) - base).mean())
+    shift = float((_readout(model, inputs, readout, steer(directions, alpha, positions)) - base).mean())
+    shift_neg = float((_readout(model, inputs, readout, steer(directions, -alpha, positions)) - base).mean())
     generator = torch.Generator().manual_seed(seed)
     random_shifts = []
     for _ in range(n_random):
         random_dirs = {}
         for head, direction in directions.items():
             r = torch.randn(direction.shape, generator=generator, dtype=torch.float32)
-            random_dirs[head] = r / r.norm() * direction.float().norm()
-        random_shifts.append(float((_readout(model, inputs, readout, steer(random_dirs, alpha)) - base).mean()))
+            random_dirs[head] = r / r.norm(dim=-1, keepdim=True) * direction.float().norm(dim=-1, keepdim=True)
+        steered = _readout(model, inputs, readout, steer(random_dirs, alpha, positions))
+        random_shifts.append(float((steered - base).mean()))
     return SteeringResult([tuple(map(int, h)) for h in directions], alpha, float(base.mean()), shift, shift_neg,
                           random_shifts, monte_carlo_p(shift, random_shifts), min_attainable_p(n_random),
                           significance)

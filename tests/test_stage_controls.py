@@ -53,11 +53,13 @@ def test_checks_list_known_answer():
     groups = {"memory": {"p_value": 0.05, "min_attainable_p": 0.05, "functional": True,
                          "positive_control_passed": True, "negative_control_passed": False}}
     steering = {"p_value": 0.95, "min_attainable_p": 0.01, "passed": False, "significance": 0.05,
-                "positive_control_passed": True, "negative_control_passed": False}
+                "positive_control_passed": True, "negative_control_passed": False, "readout": "R1",
+                "verdict": "carries information but was not shown to be used"}
     entries = check_entries(groups, steering, alpha=0.05)
     assert [e["name"] for e in entries] == ["group:memory", "steering:truthfulness"]
     for entry in entries:
         assert {"name", "p_value", "min_attainable_p", "passed", "positive_control_passed",
                 "negative_control_passed"} <= set(entry)
     assert entries[1]["p_value"] == 0.95 and entries[1]["passed"] is False
+    assert entries[1]["readout"] == "R1" and entries[1]["verdict"].startswith("carries information")
     assert check_entries({}, None, 0.05) == []

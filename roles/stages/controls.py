@@ -7,14 +7,14 @@ same code and the same statistics:
   :func:`roles.mapping.group_check`): the positive control is the same number of heads with the largest single-head
   ablation effects (heads known to matter), which must pass; the negative control is a random group of that size
   treated as if it were detected, which must not (it passes with probability about alpha by design).
-* **steering check** (:func:`probes.steering.steering_check`): the positive control steers the same heads along
-  ``W_O[h]^T (W_U[a] - W_U[b])`` for one fixed pair of capitals and reads ``logit(a) - logit(b)``: a direction that
-  raises that readout by construction, scaled to the probe direction's norm, so it must beat random directions of
-  that norm; the negative control replaces the probe directions by a random direction set of the same norms, which
-  must not pass.
+* **steering check** (readout R1, :mod:`roles.stages.truth_steering`): its positive control steers the same heads
+  along each prompt's direct-path direction ``W_O[h]^T (W_U[true] - mean_i W_U[false_i])``, its negative control
+  along random directions in place of the probe's; both run there, through the same statistic. :func:`logit_direction`
+  is the one-pair form of that direction.
 
 Each entry of ``checks``: ``name, p_value, min_attainable_p, passed, positive_control_passed,
-negative_control_passed`` (None where a control could not be run, with the reason in ``note``).
+negative_control_passed`` (None where a control could not be run, with the reason in ``note``); the steering entry
+adds its ``readout`` (R1) and the truthfulness ``verdict``.
 """
 
 from __future__ import annotations
@@ -84,5 +84,6 @@ def check_entries(groups: dict[str, dict], steering: dict | None, alpha: float) 
                         "min_attainable_p": steering["min_attainable_p"], "passed": steering["passed"],
                         "positive_control_passed": steering.get("positive_control_passed"),
                         "negative_control_passed": steering.get("negative_control_passed"),
-                        "alpha": steering["significance"]})
+                        "alpha": steering["significance"], "readout": steering.get("readout"),
+                        "verdict": steering.get("verdict"), "note": steering.get("note")})
     return entries

@@ -15,7 +15,8 @@ ICI   previous-token, duplicate, detector     attention detectors with controls 
 LR    induction, successor       detector     as above (successor: OV succession over ordinal tokens)
 LR    truthfulness heads         probe        a linear probe per head on true/false capital statements (cache +
                                               probe, the Inference-Time Intervention recipe); steering the top heads
-                                              along their directions against random directions
+                                              along their directions, read by answer scoring (R1,
+                                              :mod:`roles.stages.truth_steering`), against random directions
 EP    amplification heads        patching     the head's final-position output patched from another prompt lowers
                                               the answer's log-probability (:mod:`roles.amplification_patching`),
                                               knockout memory heads excluded; the detected group patched against
@@ -36,7 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from headlab.models import LoadedModel, input_device
+from headlab.models import LoadedModel
 from headlab.statistics import draws_for
 from roles.amplification_patching import patching_amplification
 from roles.knowledge import capitals_batch
@@ -44,7 +45,8 @@ from roles.mapping import Batches, DetectConfig, GroupCheck, map_heads
 from roles.memory_knockout import agreement, knockout_memory
 from roles.real import map_real_model, task_batches
 from roles.registry import measure_heads
-from roles.stages.controls import group_controls, logit_direction
+from roles.stages.controls import group_controls
+from roles.stages.truth_steering import FUNCTIONAL, TruthSteeringConfig, mass_mean_units, truth_steering
 from roles.table import RoleTable
 
 log = logging.getLogger("headlab")
@@ -146,68 +148,27 @@ def truthfulness_rows(loaded: LoadedModel, work: Path, cfg: DetectConfig, seed: 
     if steer and detected.any():
         steering = steer_truth(loaded, HeadCache.open(cache_dir), probe_dir, heads[detected], seed,
                                significance=cfg.alpha)
-        frame["functional"] = detected & bool(steering["passed"])
-        frame["effect_method"] = "steering"
+        frame["functional"] = detected & (steering["verdict"] == FUNCTIONAL)
+        frame["effect_method"] = steering["decided_by"]
     return frame, steering
 
 
 @torch.no_grad()
-def steer_truth(loaded: LoadedModel, cache, probe_dir: Path, detected: pd.DataFrame, seed: int, top_k: int = 8,
-                alpha: float = 5.0, significance: float = 0.05) -> dict:
-    """Shift the best detected heads (up to ``top_k``, by validation accuracy) along their mass-mean truth directions
-    and read the preference for the true over a false capital on "The capital of X is" prompts, against random
-    directions of the same norms (:func:`probes.steering.steering_check`)."""
+def steer_truth(loaded: LoadedModel, cache, probe_dir: Path, detected: pd.DataFrame, seed: int,
+                significance: float = 0.05, config: TruthSteeringConfig | None = None,
+                pairs: list[tuple[str, str]] | None = None) -> dict:
+    """The R1 steering check (:func:`roles.stages.truth_steering.truth_steering`) of the detected heads, ranked by
+    validation accuracy, along their mass-mean truth directions; every head's direction is passed for the
+    depth-matched random heads. ``pairs``: (country, capital) pairs to prompt with (default: the shipped table)."""
     from probes.report import load_directions
-    from probes.steering import head_directions, steering_check
 
-    best = detected.sort_values("val_accuracy", ascending=False).head(top_k)
-    heads = [(int(r.layer), int(r.head)) for r in best.itertuples()]
+    config = config or TruthSteeringConfig(significance=significance, n_random=draws_for(significance / 5))
+    best = detected.sort_values("val_accuracy", ascending=False)
+    ranked = [(int(r.layer), int(r.head)) for r in best.itertuples()]
     table, _ = load_directions(probe_dir / "directions.safetensors")
-    directions = head_directions(table, heads, cache.layers, "mass_mean")
-    batch = capitals_batch(loaded.tokenizer, 32, seed + 5)
-    wrong = batch["answers"].roll(1)
-    device = input_device(loaded.model)
-    inputs = {"input_ids": batch["input_ids"].to(device)}
-
-    def readout(outputs, _inputs) -> torch.Tensor:  # [B]: logit(true capital) - logit(false capital), last position
-        last = outputs.logits[:, -1]
-        rows = torch.arange(len(last))
-        return last[rows, batch["answers"]] - last[rows, wrong]
-
-    # 99 draws at alpha 0.05: the smallest attainable p-value (0.01) sits well below the level judged
-    draws = draws_for(significance / 5)
-    result = steering_check(loaded.model, inputs, readout, directions, alpha, n_random=draws, seed=seed,
-                            significance=significance)
-    controls = _steering_controls(loaded.model, inputs, directions, batch["answers"][0], wrong[0], alpha, draws,
-                                  seed, significance, readout)
-    return {**result.as_dict(), **controls, "prompts": int(batch["input_ids"].shape[0]),
-            "readout": "logit(true capital) - logit(false capital) at the final position"}
-
-
-def _steering_controls(model, inputs, directions, token_a, token_b, alpha, draws, seed, significance,
-                       readout) -> dict:
-    """The steering check's controls (:mod:`roles.stages.controls`): the direct-path direction of one fixed pair of
-    capitals, read as that pair's logit difference (must pass), and random directions of the probe's norms read as
-    the check reads (must not)."""
-    from probes.steering import steering_check
-
-    a, b = int(token_a), int(token_b)
-    raw = logit_direction(model, list(directions), a, b)
-    known = {h: raw[h] / raw[h].norm() * directions[h].float().norm() for h in directions}
-
-    def pair(outputs, _inputs) -> torch.Tensor:
-        return outputs.logits[:, -1, a] - outputs.logits[:, -1, b]
-
-    positive = steering_check(model, inputs, pair, known, alpha, n_random=draws, seed=seed + 1,
-                              significance=significance)
-    generator = torch.Generator().manual_seed(seed + 99)
-    noise = {h: torch.randn(d.shape, generator=generator) for h, d in directions.items()}
-    negative = steering_check(model, inputs, readout, {h: noise[h] / noise[h].norm() * d.float().norm()
-                                                       for h, d in directions.items()},
-                              alpha, n_random=draws, seed=seed + 2, significance=significance)
-    return {"positive_control_passed": positive.passed, "positive_control_p": positive.p_value,
-            "positive_control_shift": positive.shift, "negative_control_passed": negative.passed,
-            "negative_control_p": negative.p_value}
+    units = mass_mean_units(table, cache.layers)
+    n_heads = table["mass_mean_direction"].shape[1]
+    return truth_steering(loaded.model, loaded.tokenizer, ranked, units, n_heads, seed, config, pairs)
 
 
 def real_stages(loaded: LoadedModel, cfg: DetectConfig, length: int, seed: int, ablate: bool, work: Path,
