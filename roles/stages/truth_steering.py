@@ -59,8 +59,10 @@ class TruthSteeringConfig:
     """The dose that decides the verdict."""
     n_random: int = 99
     """Random direction sets of the main check and its controls (the p-value cannot go below 1 / (n_random + 1))."""
-    n_random_dose: int = 19
-    """Random direction sets of every other dose (descriptive p-values, no smaller than 1 / (n_random_dose + 1))."""
+    n_random_dose: int = 0
+    """Random direction sets of every other dose (descriptive p-values, no smaller than 1 / (n_random_dose + 1));
+    0 (the default) reports their shifts only: the verdict is decided at the main dose, and 19 draws for each of
+    the three other doses were 57 of the check's ~330 forward passes of SmolLM2"""
     n_random_heads: int = 19
     """Depth-matched random head sets."""
     significance: float = 0.05
@@ -153,20 +155,25 @@ def _matched_heads(heads: list[Head], n_heads: int, generator: torch.Generator) 
     return chosen
 
 
-def _dose(model, batch, generic, scaled, heads, alpha, draws, cfg, seed) -> tuple[dict, list[dict]]:
-    """The steering check of ``heads`` at ``alpha`` with ``draws`` random direction sets: its result dict and two dose
-    rows (``+alpha``, ``-alpha``: margin shift, MC2 share, KL on generic text)."""
+def _dose(model, batch, generic, scaled, heads, alpha, draws, cfg, seed) -> tuple[dict | None, list[dict]]:
+    """The steering check of ``heads`` at ``alpha`` with ``draws`` random direction sets (0: the shifts only, no
+    result): its result dict and two dose rows (``+alpha``, ``-alpha``: margin shift, MC2 share, KL on generic
+    text)."""
     directions = {h: scaled[h] for h in heads}
-    significance = max(cfg.significance, 1 / (draws + 1))  # a descriptive dose may have too few draws to pass
-    result = steering_check(model, batch.inputs, r1_readout(batch), directions, alpha, n_random=draws,
-                            seed=seed, significance=significance, positions=batch.edit)
+    result = None
+    if draws:
+        significance = max(cfg.significance, 1 / (draws + 1))  # a descriptive dose may have too few draws to pass
+        result = steering_check(model, batch.inputs, r1_readout(batch), directions, alpha, n_random=draws,
+                                seed=seed, significance=significance, positions=batch.edit)
+    base = scores(model, batch)
     rows = []
-    for sign, shift in ((1, result.shift), (-1, result.shift_negative)):
+    for sign in (1, -1):
+        steered = scores(model, batch, steer(directions, sign * alpha, batch.edit))
+        shift = (result.shift if sign > 0 else result.shift_negative) if result else steered["margin"] - base["margin"]
         rows.append({"k": len(heads), "alpha": sign * alpha, "margin_shift": shift,
-                     "p_value": result.p_value if sign > 0 else None, "n_random": draws,
-                     "mc2": scores(model, batch, steer(directions, sign * alpha, batch.edit))["mc2"],
-                     "kl": edit_kl(model, generic, steer(directions, sign * alpha))})
-    return result.as_dict(), rows
+                     "p_value": result.p_value if result and sign > 0 else None, "n_random": draws,
+                     "mc2": steered["mc2"], "kl": edit_kl(model, generic, steer(directions, sign * alpha))})
+    return (result.as_dict() if result else None), rows
 
 
 def _random_heads(model, batch, scaled, heads, base, shift, n_heads, cfg, seed) -> dict:
