@@ -35,16 +35,31 @@ TESTS_OF = {"probes/metrics.py": ["tests/test_statistics.py"],
 detector, so the detector tests cannot see them."""
 
 EXPLAINED: dict[str, str] = {
-    "roles/rule.py:apply_rule:Constant 0->1:0": "torch.zeros(0) -> zeros(1) for the p-values of a call with no "
-    "roles: the loop over roles never reads it, so apply_rule({}) returns {} either way (equivalent)",
-    "headlab/statistics.py:paired_greater_p:Gt->GtE:3": "flat = ~(sd > 0) vs ~(sd >= 0): sd >= 0 always holds for "
-    "a real column, so only NaN spreads count as flat either way, and a NaN spread comes with n < 2, answered 1",
-    "headlab/statistics.py:draws_for:Constant 1e-09->1.000000001": "the tolerance only guards 1/alpha - 1 being "
-    "an integer plus rounding error; any tolerance far below 1 gives the same counts",
-    "probes/metrics.py:r2:Constant 1e-300->1.000000000001e-300": "a floor against a constant target; 1e-300 and "
-    "its neighbour give the same result for any real data",
-    "probes/metrics.py:permutation_pvalues:Constant 1e-06->1.000001": "the float32 tolerance; unchanged for "
-    "counts of correct rows, which are integers",
+    "roles/rule.py:apply_rule:Constant 0->1:1": "torch.zeros(0) -> zeros(1) as the p-values of a call with no "
+    "roles: the loop over roles never reads them, so apply_rule({}) returns {} either way (equivalent)",
+    "headlab/statistics.py:benjamini_hochberg:Constant 0->1:0": "`p.size == 0` -> `== 1`: a single p-value is "
+    "returned as it is, and BH leaves one p-value unchanged (m / k = 1; equivalent)",
+    "headlab/statistics.py:benjamini_hochberg:Constant 1->2:0": "the cap at 1 -> 2: after the running minimum from "
+    "the largest p (whose factor m / m is 1) no adjusted value exceeds the largest p, so the cap never acts "
+    "(equivalent)",
+    "headlab/statistics.py:paired_greater_p:Gt->GtE:1": "`d.shape[0] > 1` -> `>= 1` chooses how the spread of a "
+    "single sample is computed (NaN or 0); a column with fewer than two samples gets p = 1 either way (equivalent)",
+    "headlab/statistics.py:paired_greater_p:Constant 0.0->1.0:1": "the fill of columns with no sample (n = 0), "
+    "which get p = 1 whatever their mean (equivalent)",
+    "headlab/statistics.py:paired_greater_p:Constant 0->1:6": "`n > 0` -> `n > 1` in the same fill: it also fills "
+    "one-sample columns, which get p = 1 anyway (equivalent)",
+    "headlab/statistics.py:paired_greater_p:Constant 1->2:4": "d.shape[1:] -> [2:] for the mean of an empty "
+    "array: the zeros broadcast to the same p = 1 everywhere (equivalent)",
+    "headlab/statistics.py:paired_greater_p:Constant 1->2:5": "d.shape[1:] -> [2:] for the spread of one sample: "
+    "broadcast, and p = 1 for fewer than two samples (equivalent)",
+    "headlab/statistics.py:paired_greater_p:Constant 1->2:6": "np.maximum(n, 1) -> (n, 2) guards the division "
+    "for n < 2 only, where p = 1 regardless (equivalent)",
+    "headlab/statistics.py:sign_flip_p:Constant 4096->4097:0": "the chunk size of the sign draws only splits the "
+    "same work into other pieces (equivalent for counts; the random stream is cut differently)",
+    "headlab/statistics.py:sign_flip_p:Constant 1.0->2.0:1": "a flip by -2 instead of -1: sum s_i d_i >= sum d_i "
+    "holds exactly when the flipped d_i sum to at most 0, whatever the negative factor (equivalent)",
+    "headlab/statistics.py:sign_flip_p:Constant 1->2:0": "reshape(n, -1) -> reshape(n, -2): numpy treats any "
+    "negative size as 'infer this one' (equivalent)",
 }
 """Surviving mutants no fast test can see, each with the reason (key: ``file:function:change:occurrence``)."""
 

@@ -9,7 +9,14 @@ import torch
 from scipy.stats import false_discovery_control, norm, ttest_1samp
 from sklearn.metrics import f1_score, r2_score, roc_auc_score
 
-from headlab.statistics import benjamini_hochberg, draws_for, min_attainable_p, monte_carlo_p, paired_greater_p
+from headlab.statistics import (
+    benjamini_hochberg,
+    draws_for,
+    min_attainable_p,
+    monte_carlo_p,
+    paired_greater_p,
+    sign_flip_p,
+)
 from probes import metrics
 from roles.evidence import Evidence, attention_evidence, indicator_evidence, masked_attention, shifted
 from roles.rule import FLOORS, apply_rule, floor_of
@@ -63,6 +70,23 @@ def test_monte_carlo_p_and_its_floor_by_hand():
     assert (draws_for(0.05), draws_for(0.01), draws_for(0.04), draws_for(0.5), draws_for(2.0)) == (19, 99, 24, 1, 1)
 
 
+def test_sign_flip_p_on_known_answers():
+    # five positive differences: a sign flip reaches their mean only when every sign is +, P = 1/32
+    p = sign_flip_p(np.ones((5, 1)), draws=20000, seed=0)
+    assert p.item() == pytest.approx(1 / 32, abs=0.004)
+    # the same at a scale of 1e-7 (the tolerance is relative to the observed mean, not absolute)
+    assert sign_flip_p(1e-7 * np.ones((5, 1)), draws=20000, seed=0).item() == pytest.approx(1 / 32, abs=0.004)
+    # all negative: every flipped mean reaches it, p = (1 + draws) / (1 + draws) = 1, over several chunks too
+    assert sign_flip_p(-np.ones((4, 2)), draws=10, seed=0, chunk=4).tolist() == [1.0, 1.0]
+    # mixed magnitudes: of the 2^4 sign vectors, 4 reach the observed sum 4 (+3, with 4 of the 8 sign patterns of
+    # the other three adding at least 1): P = 1/4
+    d = np.array([3.0, 1.0, 1.0, -1.0])[:, None]
+    signs = np.array(np.meshgrid(*[[-1, 1]] * 4)).reshape(4, -1).T
+    exact = np.mean(signs @ d[:, 0] >= d[:, 0].sum())
+    assert exact == pytest.approx(1 / 4)
+    assert sign_flip_p(d, draws=40000, seed=2).item() == pytest.approx(exact, abs=0.006)
+
+
 # ---- roles.evidence -----------------------------------------------------------------------------------------------
 
 def test_shifted_moves_along_the_key_axis_and_fills_false():
@@ -112,6 +136,25 @@ def test_attention_evidence_averages_the_queries_of_a_sequence():
     e = attention_evidence(patterns, target, -1, torch.ones(1, 4, 4, dtype=torch.bool).tril(-1))
     assert e.differences.item() == pytest.approx(((0.7 - 0.2) + (0.5 - 0.1)) / 2)
     assert e.control.item() == pytest.approx((0.2 + 0.1) / 2)
+
+
+def test_attention_evidence_without_any_matched_pair_has_zero_controls_per_head():
+    patterns = torch.full((1, 2, 3, 3, 3), 1 / 3)
+    target = torch.zeros(1, 3, 3, dtype=torch.bool)
+    target[0, 2, 0] = True  # its control key (-1) falls outside the sequence
+    e = attention_evidence(patterns, target, -1, torch.ones(1, 3, 3, dtype=torch.bool))
+    assert e.control.shape == (2, 3) and e.control.abs().sum() == 0
+    assert torch.isnan(e.differences).all() and e.score.shape == (2, 3)
+
+
+def test_indicator_evidence_over_layers_and_heads():
+    hits = torch.zeros(2, 3, 4)
+    hits[1, 2] = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    control = torch.zeros(2, 3, 4)
+    control[0, 1, 0] = 1.0
+    e = indicator_evidence(hits, control)
+    assert e.score.shape == (2, 3) and e.score[1, 2] == 0.75 and e.control[0, 1] == 0.25
+    assert e.differences.shape == (4, 2, 3) and e.differences[:, 1, 2].tolist() == [1.0, 1.0, 1.0, 0.0]
 
 
 def test_indicator_evidence_rates_and_differences():
@@ -273,6 +316,11 @@ def test_expected_calibration_error_by_hand():
     # with 10 bins: bins 6 (0.6, right), 7 (0.7, wrong), 9 (0.9 right, 0.95 right)
     expected = (abs(1 - 0.6) + abs(0 - 0.7) + abs(2 - 1.85)) / 4
     assert metrics.expected_calibration_error(probs, y, 10).item() == pytest.approx(expected)
+    # two heads are binned apart: the second, perfectly confident and right, has ECE 0
+    sure = np.zeros((4, 1, 2))
+    sure[np.arange(4), 0, y] = 1.0
+    both = metrics.expected_calibration_error(np.concatenate([probs, sure], 1), y, 10)
+    assert both.tolist() == pytest.approx([expected, 0.0])
 
 
 def test_bootstrap_weights_resample_rows_or_whole_groups():
