@@ -56,6 +56,11 @@ EXPLAINED: dict[str, str] = {
     "for n < 2 only, where p = 1 regardless (equivalent)",
     "headlab/statistics.py:sign_flip_p:Constant 4096->4097:0": "the chunk size of the sign draws only splits the "
     "same work into other pieces (equivalent for counts; the random stream is cut differently)",
+    "probes/metrics.py:auroc_interval:Constant 1->2:0": "the upper clip of the interval's lower end: auc - half "
+    "never exceeds 1 (equivalent)",
+    "probes/metrics.py:permutation_pvalues:Constant 1->2:3": "the float32 tie tolerance 1e-6 max(1, |obs|) -> "
+    "max(2, |obs|): classification counts are integers, and the tolerance only decides ties of the regression "
+    "statistic (kept at 1e-6 relative; tested with tied labels)",
     "headlab/statistics.py:sign_flip_p:Constant 1.0->2.0:1": "a flip by -2 instead of -1: sum s_i d_i >= sum d_i "
     "holds exactly when the flipped d_i sum to at most 0, whatever the negative factor (equivalent)",
     "headlab/statistics.py:sign_flip_p:Constant 1->2:0": "reshape(n, -1) -> reshape(n, -2): numpy treats any "

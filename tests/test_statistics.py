@@ -287,9 +287,16 @@ def test_probe_point_metrics_match_scikit_learn():
     target = RNG.normal(0, 1, 40)
     guess = target[:, None] + RNG.normal(0, 0.5, (40, 2))
     assert metrics.r2(guess, target) == pytest.approx([r2_score(target, guess[:, h]) for h in range(2)])
+    small, near = 0.01 * target, 0.01 * guess  # a total sum of squares below 1
+    assert metrics.r2(near, small) == pytest.approx([r2_score(small, near[:, h]) for h in range(2)])
 
 
 def test_probabilities_are_the_sigmoid_and_the_softmax():
+    # large logits (no overflow) and a different maximum per row
+    big = metrics.probabilities(np.array([[[1000.0, 0.0, 0.0]], [[0.0, 0.0, 1.0]]]), "multiclass")
+    assert big.shape == (2, 1, 3) and big[0, 0].tolist() == pytest.approx([1.0, 0.0, 0.0])
+    assert big[1, 0].tolist() == pytest.approx((np.exp([0, 0, 1]) / np.exp([0, 0, 1]).sum()).tolist())
+    assert metrics.predictions(np.array([[[0.1, 0.5, 0.2]], [[0.9, 0.0, 0.3]]]), "multiclass").tolist() == [[1], [0]]
     p = metrics.probabilities(np.array([[[0.0]], [[2.0]]]), "binary")
     assert p[1, 0].tolist() == pytest.approx([1 - 1 / (1 + np.exp(-2)), 1 / (1 + np.exp(-2))])
     q = metrics.probabilities(np.array([[[1.0, 2.0, 3.0]]]), "multiclass")[0, 0]
@@ -303,8 +310,8 @@ def test_auroc_interval_is_hanley_mcneil():
     se = np.sqrt((a * (1 - a) + (n1 - 1) * (q1 - a * a) + (n0 - 1) * (q2 - a * a)) / (n1 * n0))
     low, high = metrics.auroc_interval(np.array([a]), n1, n0, 0.95)
     assert (low[0], high[0]) == pytest.approx((a - 1.959964 * se, a + 1.959964 * se), rel=1e-6)
-    low, high = metrics.auroc_interval(np.array([0.999]), 3, 3, 0.95)
-    assert high[0] == 1.0 and low[0] >= 0.0
+    low, high = metrics.auroc_interval(np.array([0.95]), 3, 3, 0.95)  # 0.95 + 1.96 SE = 1.155: clipped to 1
+    assert high[0] == 1.0 and 0.0 <= low[0] < 0.95
 
 
 def test_expected_calibration_error_by_hand():
@@ -316,6 +323,9 @@ def test_expected_calibration_error_by_hand():
     # with 10 bins: bins 6 (0.6, right), 7 (0.7, wrong), 9 (0.9 right, 0.95 right)
     expected = (abs(1 - 0.6) + abs(0 - 0.7) + abs(2 - 1.85)) / 4
     assert metrics.expected_calibration_error(probs, y, 10).item() == pytest.approx(expected)
+    # the top bin holds confidence 1 and [0.9, 1); 0.85 (right) and 0.95 (wrong) sit in bins 8 and 9
+    split = np.array([[0.15, 0.85], [0.95, 0.05]])[:, None, :]
+    assert metrics.expected_calibration_error(split, np.array([1, 1]), 10).item() == pytest.approx((0.15 + 0.95) / 2)
     # two heads are binned apart: the second, perfectly confident and right, has ECE 0
     sure = np.zeros((4, 1, 2))
     sure[np.arange(4), 0, y] = 1.0
@@ -365,10 +375,19 @@ def test_permutation_p_values_by_brute_force():
         hits = sum(np.sum(pred[:, h] == y[perm]) >= observed for perm in perms)
         assert p[h] == pytest.approx((1 + hits) / 201)
     assert p[0] < 0.05 < p[1]
-    target = np.array([0.1, 0.5, 0.2, 0.9, 0.4])
-    guess = np.stack([target, -target], 1)
-    q = metrics.permutation_pvalues(guess, target, "regression", 1, permutations=100, seed=0)
-    assert q[0] < q[1]
+    target = np.array([0.1, 0.5, 0.2, 0.9, 0.4, 0.7])
+    guess = np.stack([target + 0.05, -target], 1)
+    q = metrics.permutation_pvalues(guess, target, "regression", 1, permutations=300, seed=0)
+    rng = np.random.default_rng(0 + 104729)
+    perms = [rng.permutation(6) for _ in range(300)]
+    for h in range(2):  # -sum (y - yhat)^2 ranks permutations as the cross term y . yhat does
+        observed = -np.sum((target - guess[:, h]) ** 2)
+        hits = sum(-np.sum((target[perm] - guess[:, h]) ** 2) >= observed - 1e-9 for perm in perms)
+        assert q[h] == pytest.approx((1 + hits) / 301)
+    # tied labels: every permutation gives the same statistic, whatever float32 rounding says, so p = 1
+    flat = np.full(10, 1000.1)
+    tied = metrics.permutation_pvalues(RNG.normal(1000, 1, (10, 1)), flat, "regression", 1, permutations=50, seed=1)
+    assert tied.item() == 1.0
 
 
 def test_primary_metric_and_score_part():
