@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_ioi_planted import NAME_MOVERS, planted_model
+from test_ioi_planted import NAME_MOVERS, S_INHIBITION, planted_model
 
 from data.tasks import make_task
 from toymodels.circuits import CIRCUITS
@@ -54,6 +54,12 @@ def test_planted_name_movers_pass_the_circuit_check_and_no_other_head_does():
     assert set(circuit.heads) == NAME_MOVERS and circuit.passed
     assert min(circuit.selectivity_abba, circuit.selectivity_baba) > 0.99 and circuit.copy_score == 1.0
     assert circuit.drop > 0.5 * circuit.clean_logit_diff
+
+
+def test_patching_the_planted_s_inhibition_head_from_abc_runs_removes_the_movers_selectivity():
+    circuit = _circuit()
+    assert circuit.s_inhibition_heads == [S_INHIBITION]
+    assert circuit.mover_selectivity > 0.99 and circuit.patched_selectivity < 0
 
 
 @pytest.mark.parametrize("change", [{"inhibit": False}, {"attend": False}, {"copy": False}],

@@ -20,13 +20,19 @@ sequences:
   ``tests/test_ioi_planted.py`` 4 groups of 19 do, a rank p-value of 0.25);
   ``p = (1 + #{random drops >= drop}) / (1 + #groups)`` is reported beside it.
 
-The circuit passes when some head is selective and copies, and the causal check holds. Not measured: path patching
-of the S-inhibition candidates from ABC runs.
+The circuit passes when some head is selective and copies, and the causal check holds.
+
+Reported beside the verdict, not part of it: the **S-inhibition candidates**, heads below the lowest name mover that
+attend from END to S2 (the subject's second mention) with at least the floor, and the name movers' selectivity
+(mean over movers of the smaller of ABBA and BABA) before and after the candidates' outputs ``z`` are replaced by
+their values on the ABC run (``corrupt_input_ids``: S2 replaced by a third name). Wang et al. path-patch the
+S-inhibition -> name-mover queries path; this is activation patching of the candidates, whose change reaches the
+movers through every path above them (in the planted circuit the only one).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -58,6 +64,9 @@ class NameMoverCircuit:
     random_drops: list[float]
     floor: float
     copy_floor: float
+    s_inhibition_heads: list[Head] = field(default_factory=list)
+    mover_selectivity: float | None = None
+    patched_selectivity: float | None = None
 
     @property
     def drop(self) -> float | None:
@@ -89,9 +98,13 @@ class NameMoverCircuit:
         if self.drop is not None:
             drop = (f"ablation lowers IO-S logit diff by {self.drop:+.3f} (clean {self.clean_logit_diff:.3f}; "
                     f"random groups' median {self.random_median:+.3f}, p={self.p_value:.2f})")
+        patched = ""
+        if self.patched_selectivity is not None:
+            patched = (f"; patching S-inhibition candidates {self.s_inhibition_heads} from ABC: movers' selectivity "
+                       f"{self.mover_selectivity:.3f} -> {self.patched_selectivity:.3f}")
         return (f"name movers: {len(self.heads)} selective copying heads; best {best} selectivity ABBA "
-                f"{self.selectivity_abba:.3f} BABA {self.selectivity_baba:.3f}, copy {self.copy_score:.2f}; {drop};"
-                f" passed={self.passed}")
+                f"{self.selectivity_abba:.3f} BABA {self.selectivity_baba:.3f}, copy {self.copy_score:.2f}; {drop}"
+                f"{patched}; passed={self.passed}")
 
 
 def name_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -144,11 +157,45 @@ def random_groups(shape: tuple[int, int], heads: list[Head], seed: int) -> list[
             for _ in range(RANDOM_GROUPS)]
 
 
+def s_inhibition_heads(patterns: torch.Tensor, s_mask: torch.Tensor, below: int, floor: float) -> list[Head]:
+    """Heads of layers ``< below`` whose mean attention from END to S2, the last ``s_mask`` position, reaches
+    ``floor``; ``patterns`` ``[B, L, H, T, T]``."""
+    s2 = (s_mask.int() * torch.arange(s_mask.shape[1])).argmax(1)  # [B]
+    to_s2 = patterns[torch.arange(len(s2)), :below, :, -1, s2].mean(0)  # [below, H]
+    return [(int(a), int(b)) for a, b in (to_s2 >= floor).nonzero().tolist()]
+
+
+@torch.no_grad()
+def patched_selectivity(model: nn.Module, batch: Batch, senders: list[Head], movers: list[Head]) -> float:
+    """The movers' mean ``min(ABBA, BABA)`` selectivity with the ``senders``' outputs taken from the ABC run."""
+    corrupt = capture_z(model, batch["corrupt_input_ids"])
+    with hook_heads(model, ablation_fn("resample", senders, {}, corrupt)):
+        patterns = attention_patterns(model, batch["input_ids"])
+    return _mover_selectivity(patterns, batch, movers)
+
+
+def _mover_selectivity(patterns: torch.Tensor, batch: Batch, movers: list[Head]) -> float:
+    abba, baba = selectivity(patterns, batch["io_mask"], batch["s_mask"], name_positions(batch)[2])
+    both = torch.minimum(abba, baba)
+    return float(torch.stack([both[h] for h in movers]).mean())
+
+
+def _patching(model: nn.Module, batch: Batch, patterns: torch.Tensor, movers: list[Head],
+              floor: float) -> dict:
+    """The S-inhibition candidates below the movers and the movers' selectivity before and after patching them."""
+    if not movers:
+        return {}
+    senders = s_inhibition_heads(patterns, batch["s_mask"], min(layer for layer, _ in movers), floor)
+    clean = _mover_selectivity(patterns, batch, movers)
+    patched = patched_selectivity(model, batch, senders, movers) if senders else None
+    return {"s_inhibition_heads": senders, "mover_selectivity": clean, "patched_selectivity": patched}
+
+
 def name_mover_circuit(model: nn.Module, task: Task, batch: Batch, floor: float, seed: int = 0) -> NameMoverCircuit:
     """The name-mover verdict of ``model`` on ``batch``, two-name IOI sequences with ``io_mask`` and ``s_mask``."""
     model.eval()
-    abba_sel, baba_sel = selectivity(attention_patterns(model, batch["input_ids"]), batch["io_mask"],
-                                     batch["s_mask"], name_positions(batch)[2])
+    patterns = attention_patterns(model, batch["input_ids"])
+    abba_sel, baba_sel = selectivity(patterns, batch["io_mask"], batch["s_mask"], name_positions(batch)[2])
     copy = name_copy(model, batch).score
     copy_floor = floor_of("name_copy", 0)
     both = torch.minimum(abba_sel, baba_sel)
@@ -161,4 +208,5 @@ def name_mover_circuit(model: nn.Module, task: Task, batch: Batch, floor: float,
     diffs = logit_differences(model, batch, groups)
     return NameMoverCircuit(heads, (layer, head), float(abba_sel[layer, head]), float(baba_sel[layer, head]),
                             float(copy[layer, head]), diffs[0], diffs[1] if heads else None,
-                            [diffs[0] - d for d in diffs[2:]], floor, copy_floor)
+                            [diffs[0] - d for d in diffs[2:]], floor, copy_floor,
+                            **_patching(model, batch, patterns, heads, floor))

@@ -27,7 +27,7 @@ from toymodels.reemergence import reemergence
 from toymodels.run import RunConfig, finish_seed, make_trainer, setup_seed, train_single
 
 CIRCUIT_KEYS = ("layer0_eoi_attention", "layer1_diagonal", "selectivity_abba", "selectivity_baba", "copy_score",
-                "logit_diff_drop", "random_median_drop", "head_formed")
+                "logit_diff_drop", "random_median_drop", "patched_selectivity", "head_formed")
 """The circuit scores copied into ``metrics.json``'s ``per_seed`` rows (iteration's and ioi's)."""
 
 
