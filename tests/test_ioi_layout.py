@@ -82,8 +82,37 @@ def test_clauses_ioi_split_is_two_name_abba_and_baba_with_hard_targets():
     assert orders == {"ABBA", "BABA"} and bool((batch["target_probs"].max(1).values == 1).all())
 
 
+def _by_hand_with_distractors(ids: list[int], n_names: int) -> tuple[list[int], list[int]]:
+    """Answers and distractors read off tokens: a name mentioned twice is the subject, its second mention S2 ends the
+    first clause and later names are distractors; with no repeated name (ABC) the last name is S2 and every earlier
+    name an answer."""
+    mentions = [t for t in ids if t < n_names]
+    repeated = [t for t in mentions if mentions.count(t) == 2]
+    if not repeated:
+        return mentions[:-1], []
+    s2 = len(mentions) - 1 - mentions[::-1].index(repeated[0])
+    return [t for t in mentions[:s2] if t != repeated[0]], mentions[s2 + 1:]
+
+
+def test_distractors_follow_s2_are_never_answers_and_leave_the_targets_unchanged():
+    task = make_task("ioi", **CLAUSES, distractor_fraction=0.5)
+    batch = task.batch(2000, seed=4)
+    distracted = ioi = 0
+    for row, ids in enumerate(batch["input_ids"].tolist()):
+        answers, distractors = _by_hand_with_distractors(ids, task.n_names)
+        expected = torch.zeros(task.n_names)
+        expected[answers] = 1 / len(answers)
+        assert torch.allclose(batch["target_probs"][row], expected) and len(distractors) <= 1
+        assert ids[-1] == task.query_token and not set(distractors) & set(answers)
+        if len([t for t in ids if t < task.n_names]) != len(set(t for t in ids if t < task.n_names)):
+            ioi += 1
+            distracted += len(distractors)
+    assert abs(distracted / ioi - 0.5) < 0.05
+
+
 @pytest.mark.parametrize("options", [{"max_gap": 2}, {"layout": "clauses", "length": 8, "max_gap": 2},
-                                     {"layout": "clauses", "max_first_names": 4}, {"layout": "sideways"}])
+                                     {"layout": "clauses", "max_first_names": 4}, {"layout": "sideways"},
+                                     {"distractor_fraction": 0.5}])
 def test_bad_layout_options_fail_early(options):
     with pytest.raises(HeadlabError, match="ioi"):
         make_task("ioi", **options)

@@ -20,7 +20,10 @@ shows that a 1-layer, 2-head model solves it with "additive and contrastive" hea
   S2; then at least one filler before the query token;
 * S2 repeats one of the first clause's names, chosen uniformly, and the target is uniform over the *other* first
   names (soft when ``k = 3``); with probability ``abc_fraction`` S2 is a new name instead (ABC) and the target is
-  uniform over all ``k`` first names.
+  uniform over all ``k`` first names;
+* with probability ``distractor_fraction`` an IOI sequence (not an ABC one) also holds a distractor, a new name at a
+  random position between S2 and the query token: the last name is then not the subject, and the target is unchanged
+  (the distractor was never in the first clause).
 
 Soft targets: ``target_probs`` ``[batch, n_names]`` holds the distribution; ``targets`` holds one name drawn from it,
 so the usual cross-entropy has the soft cross-entropy as its expectation (``E_{y ~ p}[-log q_y] = H(p, q)``).
@@ -43,7 +46,8 @@ LAYOUTS = ("templates", "clauses")
 @dataclass(frozen=True)
 class IOITask(Task):
     """Names are ids ``0 .. n_names - 1``; filler words follow; templates are drawn once from ``template_seed``.
-    ``layout``, ``max_gap``, ``max_first_names`` and ``abc_fraction``: see the module docstring."""
+    ``layout``, ``max_gap``, ``max_first_names``, ``abc_fraction`` and ``distractor_fraction``: see the module
+    docstring."""
 
     name = "ioi"
     role = "name_mover"
@@ -60,6 +64,7 @@ class IOITask(Task):
     max_gap: int = 0
     max_first_names: int = 2
     abc_fraction: float = 0.0
+    distractor_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.length < 7:
@@ -69,18 +74,19 @@ class IOITask(Task):
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout={self.layout!r}; choose one of {', '.join(LAYOUTS)}")
         if self.layout == "templates":
-            if (self.max_gap, self.max_first_names, self.abc_fraction) != (0, 2, 0.0):
-                raise ValueError("max_gap, max_first_names and abc_fraction need layout='clauses'")
+            if (self.max_gap, self.max_first_names, self.abc_fraction, self.distractor_fraction) != (0, 2, 0.0, 0.0):
+                raise ValueError("max_gap, max_first_names, abc_fraction and distractor_fraction need layout='clauses'")
             return
         self._check_clauses()
 
     def _check_clauses(self) -> None:
         if self.max_first_names not in (2, 3):
             raise ValueError(f"max_first_names={self.max_first_names}; choose 2 or 3")
-        if not 0 <= self.abc_fraction <= 1:
-            raise ValueError(f"abc_fraction={self.abc_fraction} is not between 0 and 1")
-        if self.n_names < self.max_first_names + 1 or self.n_fillers < 2:
-            raise ValueError("the clauses layout needs max_first_names + 1 names and at least 2 fillers")
+        for option in ("abc_fraction", "distractor_fraction"):
+            if not 0 <= getattr(self, option) <= 1:
+                raise ValueError(f"{option}={getattr(self, option)} is not between 0 and 1")
+        if self.n_names < self.max_first_names + 2 or self.n_fillers < 2:
+            raise ValueError("the clauses layout needs max_first_names + 2 names and at least 2 fillers")
         need = 5 + 2 * (self.max_first_names - 1) + self.max_gap
         if self.length < need:
             raise ValueError(f"length {self.length} too short for max_first_names={self.max_first_names} and "
@@ -149,7 +155,7 @@ class IOITask(Task):
         abc = torch.rand(n, generator=generator) < (self.abc_fraction if split == "train" else 0.0)
         tokens = self.n_names + 1 + randint(self.n_fillers - 1, (n, self.length), generator)
         tokens[:, -1] = self.query_token
-        names = torch.rand(n, self.n_names, generator=generator).argsort(dim=1)[:, : top + 1]  # [B, top + 1] distinct
+        names = torch.rand(n, self.n_names, generator=generator).argsort(dim=1)[:, : top + 2]  # [B, top + 2] distinct
         gap = uniform_int(0, self.max_gap, n, generator)
         offset = uniform_int(0, self.length - 5 - 2 * (k - 1) - gap, n, generator)
         slots = torch.arange(top)
@@ -161,7 +167,19 @@ class IOITask(Task):
         subject = torch.where(abc, names[:, top], repeated)  # S2: a first name, or (ABC) a new one
         s2 = offset + 2 * (k - 1) + 2 + gap
         tokens[rows, s2] = subject
+        if self.distractor_fraction and split == "train":
+            self._distract(tokens, ~abc, s2, names[:, top + 1], generator)
         return self._clause_batch(tokens, names[:, :top], valid, subject, names[:, top], s2, generator)
+
+    def _distract(self, tokens: torch.Tensor, allowed: torch.Tensor, s2: torch.Tensor, distractor: torch.Tensor,
+                  generator: torch.Generator) -> None:
+        """Put ``distractor`` ``[B]`` at a random position between S2 and the query token of a
+        ``distractor_fraction`` share of the ``allowed`` sequences (in place)."""
+        n = tokens.shape[0]
+        chosen = allowed & (torch.rand(n, generator=generator) < self.distractor_fraction)
+        where = uniform_int(s2 + 1, self.length - 2, n, generator)
+        rows = torch.arange(n)[chosen]
+        tokens[rows, where[chosen]] = distractor[chosen]
 
     def _clause_batch(self, tokens: torch.Tensor, first: torch.Tensor, valid: torch.Tensor, subject: torch.Tensor,
                       new_name: torch.Tensor, s2: torch.Tensor, generator: torch.Generator) -> Batch:
