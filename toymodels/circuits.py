@@ -25,6 +25,7 @@ from torch import nn
 
 from data.tasks import Batch, Task
 from roles.patterns import attention_patterns
+from toymodels.ioi_circuit import name_mover_circuit
 
 
 @dataclass
@@ -96,5 +97,6 @@ def circuit_of(eoi_attention: torch.Tensor, diagonal: torch.Tensor, floor: float
                             head, floor)
 
 
-CIRCUITS = {"iteration": iteration_circuit}
-"""Task name -> the circuit its target also needs (``toy`` reports it in ``metrics.json`` under ``circuit``)."""
+CIRCUITS = {"iteration": iteration_circuit, "ioi": name_mover_circuit}
+"""Task name -> the circuit its target also needs (``toy`` reports it in ``metrics.json`` under ``circuit``): the
+iteration circuit above, and IOI's selective name movers (:mod:`toymodels.ioi_circuit`)."""

@@ -31,6 +31,7 @@ from roles.rule import floor_of
 from roles.table import RoleTable
 from toymodels.circuits import CIRCUITS, IterationCircuit
 from toymodels.emergence import EmergenceTracker, emerged_steps, log_linear_schedule, phase_change_step
+from toymodels.ioi_circuit import NameMoverCircuit
 from toymodels.mechanisms import MECHANISMS, MechanismTarget
 from toymodels.modeling import ToyTransformer
 from toymodels.plots import plot_loss, plot_scores_over_steps
@@ -86,7 +87,7 @@ class SeedResult:
     metrics: dict[str, Any]
     table: RoleTable
     target: TargetSummary | MechanismTarget
-    circuit: IterationCircuit | None = None
+    circuit: IterationCircuit | NameMoverCircuit | None = None
 
     def lines(self) -> list[str]:
         m = self.metrics
@@ -189,7 +190,7 @@ def finish_seed(run: SeedRun, the_task: Task, train_log: list[tuple[int, float]]
     if the_task.name in MECHANISMS:  # a whole-model mechanism (modular addition's Fourier features) is the target
         target, mechanism["mechanism"] = MECHANISMS[the_task.name](net, the_task)
     circuit = None
-    if the_task.name in CIRCUITS:  # the target also needs a circuit of heads (iteration: layer 0 attends to EoI)
+    if the_task.name in CIRCUITS:  # the target also needs a circuit (iteration: EoI + diagonal; ioi: selective movers)
         floor = floor_of(the_task.role, d_head, detection.floors)
         circuit = CIRCUITS[the_task.name](net, the_task, batches.detect, floor)
         mechanism["circuit"] = {**circuit.as_dict(), "head_formed": target.formed}

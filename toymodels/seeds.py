@@ -26,6 +26,10 @@ from headlab.tracking import finish, make_logger
 from toymodels.reemergence import reemergence
 from toymodels.run import RunConfig, finish_seed, make_trainer, setup_seed, train_single
 
+CIRCUIT_KEYS = ("layer0_eoi_attention", "layer1_diagonal", "selectivity_abba", "selectivity_baba", "copy_score",
+                "logit_diff_drop", "random_median_drop", "patched_selectivity", "head_formed")
+"""The circuit scores copied into ``metrics.json``'s ``per_seed`` rows (iteration's and ioi's)."""
+
 
 def _finished(config: RunConfig) -> bool:
     """True when the seed's directory holds a finished run of this config; an error when it holds another run."""
@@ -74,12 +78,11 @@ def train_seeds(the_task: Task, config: RunConfig) -> Path:
 
 
 def _per_seed(out: Path, seeds: list[int]) -> list[dict[str, Any]]:
-    """Each seed's verdict, accuracy and time, and its circuit's scores where the task has one (iteration)."""
+    """Each seed's verdict, accuracy and time, and its circuit's scores where the task has one (iteration, ioi)."""
     rows = []
     for s in seeds:
         m = json.loads((out / f"seed-{s}" / "metrics.json").read_text())
-        circuit = {k: m["circuit"][k] for k in ("layer0_eoi_attention", "layer1_diagonal", "head_formed")
-                   if k in m.get("circuit", {})}
+        circuit = {k: m["circuit"][k] for k in CIRCUIT_KEYS if k in m.get("circuit", {})}
         rows.append({"seed": s, "formed": bool(m["target"].get("formed")), **circuit,
                      "accuracy": m["final_eval"]["accuracy"], "total_seconds": m["total_seconds"]})
     return rows
