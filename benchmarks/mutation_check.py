@@ -61,6 +61,10 @@ EXPLAINED: dict[str, str] = {
     "probes/metrics.py:permutation_pvalues:Constant 1->2:3": "the float32 tie tolerance 1e-6 max(1, |obs|) -> "
     "max(2, |obs|): classification counts are integers, and the tolerance only decides ties of the regression "
     "statistic (kept at 1e-6 relative; tested with tied labels)",
+    "probes/metrics.py:permutation_pvalues:Mult->Div:0": "the tie tolerance 1e-6 * max(1, |obs|) -> 1e-6 / ...: it "
+    "decides only ties that float32 rounding breaks, and whether the float32 sum lands above or below the float64 "
+    "one depends on the BLAS build's summation order, so no portable test pins it (not killed; the tied-label test "
+    "passes either way on this machine)",
     "headlab/statistics.py:sign_flip_p:Constant 1.0->2.0:1": "a flip by -2 instead of -1: sum s_i d_i >= sum d_i "
     "holds exactly when the flipped d_i sum to at most 0, whatever the negative factor (equivalent)",
     "headlab/statistics.py:sign_flip_p:Constant 1->2:0": "reshape(n, -1) -> reshape(n, -2): numpy treats any "
