@@ -138,12 +138,15 @@ def position_means(captured: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]
 class AblationResult:
     """Per-head ablation effects ``[layer, head]`` (mean over sequences), their standard errors, the clean loss, and
     how each effect was measured (``exact`` ``[layer, head]``: True for an exact ablation, False for the
-    attribution estimate of :mod:`roles.attribution`)."""
+    attribution estimate of :mod:`roles.attribution`). ``reference`` ``[layer, head]`` marks the heads measured
+    exactly *because they were drawn at random* (None: every head was measured, none selected): the reference a
+    functional head is compared with must not hold heads chosen for their large estimated effects."""
 
     effect: torch.Tensor
     stderr: torch.Tensor
     clean_loss: float
     exact: torch.Tensor | None = None
+    reference: torch.Tensor | None = None
 
     def method(self, layer: int, head: int) -> str:
         return "exact" if self.exact is None or bool(self.exact[layer, head]) else "attribution"

@@ -101,5 +101,8 @@ def screen_and_confirm(model: nn.Module, batch: Batch, kind: AblationKind, must:
     chosen |= {rest[i] for i in picks}
     exact = ablation_effects(model, batch, kind, other_batch, heads=sorted(chosen))
     measured = ~exact.effect.isnan()
+    reference = torch.zeros_like(measured)
+    for i in picks:
+        reference[rest[i]] = True
     return AblationResult(torch.where(measured, exact.effect, screen.effect),
-                          torch.where(measured, exact.stderr, screen.stderr), exact.clean_loss, measured)
+                          torch.where(measured, exact.stderr, screen.stderr), exact.clean_loss, measured, reference)

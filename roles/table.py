@@ -83,7 +83,10 @@ class RoleTable:
             for verdict in verdicts.values():
                 detected_any |= verdict.detected
             exact = ablation.exact if ablation.exact is not None else torch.ones_like(detected_any)
-            measured = torch.where(exact, ablation.effect, torch.nan)
+            # the reference: heads drawn at random (not those the screen picked for large estimates), or every
+            # exactly measured head when none was selected
+            pool = exact if ablation.reference is None else exact & ablation.reference
+            measured = torch.where(pool, ablation.effect, torch.nan)
             reference = random_head_reference(measured, detected_any)
             spread = random_head_spread(measured, detected_any)
             for role, verdict in verdicts.items():
