@@ -72,3 +72,36 @@ def test_probe_on_a_smollm2_cache_survives_degenerate_heads(tmp_path):
     assert heads["converged"].all()
     best = heads.sort_values("val_accuracy", ascending=False).head(10)
     assert best["accuracy"].mean() > 0.7 and best["layer"].median() >= 6
+
+
+def test_stages_on_smollm2_runs_every_causal_check_with_its_controls(tmp_path, capsys):
+    """The stage map with every causal check on (issue: no test ran the steering branch or the causal checks of
+    `stages` on a causal LM). Smaller batches than the defaults keep it to minutes; the checks' draws are the
+    defaults (99), so each can reach p = 0.01 and is judged at 0.05."""
+    import re
+
+    out = tmp_path / "stages"
+    assert main(["stages", "--models", "[smollm2]", "--out", str(out), "--probe_limit", "300", "--length", "32",
+                 "--detection.batch_size", "16", "--detection.eval_batch_size", "8", "--detection.n_null", "0",
+                 "--detection.top_k", "4"]) == 0
+    printed = capsys.readouterr().out
+    verdict = re.search(r"stages: smollm2 types=(\d+) tau=(\S+) perm_p=(\S+) min_p=(\S+) "
+                        r"verdict=(consistent|inconsistent|inconclusive)", printed)
+    assert verdict is not None and int(verdict.group(1)) >= 3
+    summary = json.loads((out / "summary.json").read_text())
+    checks = {c["name"]: c for c in summary["checks"] if c["model"] == "smollm2"}
+    assert {"group:induction", "group:memory", "steering:truthfulness"} <= set(checks)
+    for name, check in checks.items():
+        assert {"p_value", "min_attainable_p", "passed", "positive_control_passed",
+                "negative_control_passed"} <= set(check)
+        assert check["min_attainable_p"] <= 0.05, f"{name} could never pass"
+        # the known-effective intervention passes through the same statistic: the check can say yes
+        assert check["positive_control_passed"] is True, f"{name}: positive control failed ({check})"
+    assert checks["group:induction"]["negative_control_passed"] is False
+    assert checks["steering:truthfulness"]["negative_control_passed"] is False
+    rows = pd.read_csv(out / "stages.csv")
+    memory = rows[(rows["model"] == "smollm2") & (rows["role"] == "memory")]
+    assert len(memory) and (memory["effect_method"] == "knockout").all()
+    types = pd.read_csv(out / "stage_types.csv")
+    assert list(types.columns) == ["model", "stage", "role", "n_detected", "n_functional", "median_depth",
+                                   "depth_lo", "depth_hi"]
