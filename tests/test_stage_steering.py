@@ -120,7 +120,8 @@ def test_answer_logprobs_match_each_sequence_scored_alone(model, batch):
     assert torch.allclose(mc2(lp), by_hand, atol=1e-5)
 
 
-def test_edit_sigma_is_the_std_of_the_projection_at_the_edited_positions(model, batch):
+def _head_input(model, batch) -> torch.Tensor:
+    """Head 2's slice of layer 1's output-projection input ``[rows, seq, d_head]``, captured by its own hook."""
     seen = []
     handle = _o_proj(model, 1).register_forward_pre_hook(lambda _m, args: seen.append(args[0][..., 16:24].clone()))
     try:
@@ -128,6 +129,11 @@ def test_edit_sigma_is_the_std_of_the_projection_at_the_edited_positions(model, 
             model(**batch.inputs)
     finally:
         handle.remove()
+    return seen[0]
+
+
+def test_edit_sigma_is_the_std_of_the_projection_at_the_edited_positions(model, batch):
+    seen = [_head_input(model, batch)]
     projections = (seen[0][batch.edit] @ _unit(U)).numpy()
     assert edit_sigma(model, batch.inputs, batch.edit, {HEAD: _unit(U)})[HEAD] == pytest.approx(
         float(np.std(projections)), rel=1e-5)
@@ -135,13 +141,7 @@ def test_edit_sigma_is_the_std_of_the_projection_at_the_edited_positions(model, 
 
 def test_edit_sigma_with_one_direction_per_row(model, batch):
     """Per-row directions: each row's projections on its own direction, pooled over the edited positions."""
-    seen = []
-    handle = _o_proj(model, 1).register_forward_pre_hook(lambda _m, args: seen.append(args[0][..., 16:24].clone()))
-    try:
-        with torch.no_grad():
-            model(**batch.inputs)
-    finally:
-        handle.remove()
+    seen = [_head_input(model, batch)]
     rows = torch.stack([_unit(400 + r) for r in range(batch.input_ids.shape[0])])  # [rows, d_head]
     by_hand = [float(seen[0][r, t] @ rows[r]) for r in range(rows.shape[0]) for t in range(batch.edit.shape[1])
                if batch.edit[r, t]]
