@@ -25,6 +25,7 @@ from data.tasks import make_task
 from roles.mapping import Batches, DetectConfig, TargetSummary, map_heads
 from roles.registry import measure_heads
 from roles.rule import apply_rule
+from toymodels.ioi_circuit import name_mover_circuit
 from toymodels.modeling import ToyTransformer, ToyTransformerConfig
 
 N_NAMES, D_MODEL, D_HEAD = 24, 64, 32
@@ -168,6 +169,22 @@ def test_toy_ioi_verdict_finds_exactly_the_planted_name_movers_and_their_group_i
     planted = NAME_MOVERS | {DUPLICATE, S_INHIBITION}
     others = [float(effect[a, b]) for a in range(3) for b in range(4) if (a, b) not in planted]
     assert min(float(effect[a, b]) for a, b in NAME_MOVERS) > 0.1 and max(others) < 0.01
+
+
+def test_toy_name_mover_circuit_verdict_passes_on_the_planted_circuit_and_patching_removes_selectivity():
+    """The toy IOI verdict (selectivity on ABBA and BABA, OV copy, ablation against random groups, patching the
+    S-inhibition candidates from ABC runs) on the planted circuit: exactly the planted movers, most of the clean
+    logit difference removed by their ablation, and the movers' selectivity gone once the S-inhibition head's
+    output comes from ABC runs (where no name repeats, so it cannot say which name to avoid)."""
+    circuit = name_mover_circuit(planted_model(), None, _batches().eval, floor=0.3)
+    assert set(circuit.heads) == NAME_MOVERS and circuit.passed
+    assert circuit.drop > 0.5 * circuit.clean_logit_diff > 0
+    assert set(circuit.s_inhibition_heads) == {S_INHIBITION}
+    assert circuit.mover_selectivity > 0.9 and circuit.patched_selectivity < 0.1
+
+
+def test_toy_name_mover_circuit_verdict_fails_without_selective_attention():
+    assert not name_mover_circuit(planted_model(attend=False), None, _batches().eval, floor=0.3).passed
 
 
 @pytest.mark.parametrize("change", [{"attend": False}, {"copy": False}], ids=["uniform-attention", "zero-ov"])
