@@ -96,35 +96,41 @@ def measure_group(path: str, group: str, roles: list[str], models: int, tokenize
     return counts
 
 
-def planted_detection(path: str, model: torch.nn.Module, role: str, roles: list[str], work: dict,
-                      evidence: dict, seed: int = 0) -> bool | None:
-    """Whether the rule detects the planted head for ``role`` (None: no plant). Attention roles: head
-    :data:`cases.PLANTED` with its attention mixed towards the role's targets and, for the OV roles on the toy path,
-    a copying OV circuit. Knowledge roles (toy path): head (0, 0) made self-copying, the final token set to the
-    answer (and, for memory, the subject's tokens too, and the position embeddings zeroed, so the head reads the
-    subject and writes the answer). Successor (toy path): a wider 1-head toy model whose layer-1 head maps each
-    ordinal to its successor (:func:`roles.calibration_cases.plant_successor`)."""
-    if role in ("memory", "amplification"):
-        if path != "toy":
-            return None
-        planted_model = plant_self_copy(model)
-        planted = {k: v for k, v in work.items() if k != "attentions"}
-        planted["input_ids"] = planted["input_ids"].clone()
-        planted["input_ids"][:, -1] = planted["answers"]
-        if role == "memory":  # positions zeroed: the head attends equally to every copy of the answer
-            with torch.no_grad():
-                planted_model.pos_embed.weight.zero_()
-            planted["input_ids"][planted["subject_mask"]] = planted["answers"].repeat_interleave(
-                planted["subject_mask"].sum(-1))
-        judged = apply_rule({**evidence, **{r: DETECTORS[r](planted_model, planted) for r in roles}}, d_head=D_HEAD)
-        return bool(judged[role].detected[0, 0])
-    if role == "successor":
-        if path != "toy":
-            return None
-        planted_model = cases.plant_successor(seed, cases.vocab_of(work),
-                                              work["successor_pairs"])
-        judged = apply_rule({"successor": DETECTORS["successor"](planted_model, work)}, d_head=D_HEAD)
-        return bool(judged[role].detected[cases.PLANTED[0]].any())
+def _knowledge_plant(path: str, model: torch.nn.Module, role: str, roles: list[str], work: dict,
+                     evidence: dict, seed: int) -> bool | None:
+    """Memory and amplification (toy path): head (0, 0) made self-copying and the final token set to the answer
+    (for memory the subject's tokens too, and the position embeddings zeroed, so the head reads the subject and
+    writes the answer)."""
+    if path != "toy":
+        return None
+    planted_model = plant_self_copy(model)
+    planted = {k: v for k, v in work.items() if k != "attentions"}
+    planted["input_ids"] = planted["input_ids"].clone()
+    planted["input_ids"][:, -1] = planted["answers"]
+    if role == "memory":  # positions zeroed: the head attends equally to every copy of the answer
+        with torch.no_grad():
+            planted_model.pos_embed.weight.zero_()
+        planted["input_ids"][planted["subject_mask"]] = planted["answers"].repeat_interleave(
+            planted["subject_mask"].sum(-1))
+    judged = apply_rule({**evidence, **{r: DETECTORS[r](planted_model, planted) for r in roles}}, d_head=D_HEAD)
+    return bool(judged[role].detected[0, 0])
+
+
+def _successor_plant(path: str, model: torch.nn.Module, role: str, roles: list[str], work: dict,
+                     evidence: dict, seed: int) -> bool | None:
+    """Successor (toy path): a wider 1-head toy model whose layer-1 head maps each ordinal to its successor
+    (:func:`roles.calibration_cases.plant_successor`)."""
+    if path != "toy":
+        return None
+    planted_model = cases.plant_successor(seed, cases.vocab_of(work), work["successor_pairs"])
+    judged = apply_rule({"successor": DETECTORS["successor"](planted_model, work)}, d_head=D_HEAD)
+    return bool(judged[role].detected[cases.PLANTED[0]].any())
+
+
+def _attention_plant(path: str, model: torch.nn.Module, role: str, roles: list[str], work: dict,
+                     evidence: dict, seed: int) -> bool | None:
+    """Attention roles: head :data:`cases.PLANTED` with its attention mixed towards the role's targets (share
+    :data:`cases.PLANT_BY_ROLE`) and, for the OV roles on the toy path, a copying OV circuit."""
     target = cases.target_mask(role, work)
     weights = role in cases.WEIGHT_PLANTS
     if (weights and path != "toy") or (target is None and not weights):
@@ -135,6 +141,19 @@ def planted_detection(path: str, model: torch.nn.Module, role: str, roles: list[
     needed = [role, *(r for r in roles if r != role and ALSO_REQUIRES.get(role) == r)]
     judged = apply_rule({**evidence, **{r: DETECTORS[r](planted_model, planted) for r in needed}}, d_head=D_HEAD)
     return bool(judged[role].detected[cases.PLANTED])
+
+
+PLANTS = {"memory": _knowledge_plant, "amplification": _knowledge_plant, "successor": _successor_plant}
+"""Roles whose planted head is not an attention mix (every other role: :func:`_attention_plant`)."""
+TOY_ONLY_PLANTS = cases.WEIGHT_PLANTS | set(PLANTS)
+"""Roles whose plant exists for the toy layout only (their power is empty on the Hugging Face paths)."""
+
+
+def planted_detection(path: str, model: torch.nn.Module, role: str, roles: list[str], work: dict,
+                      evidence: dict, seed: int = 0) -> bool | None:
+    """Whether the rule detects the planted head for ``role`` (None: no plant on this path), by the role's plant
+    in :data:`PLANTS` or, by default, :func:`_attention_plant`."""
+    return PLANTS.get(role, _attention_plant)(path, model, role, roles, work, evidence, seed)
 
 
 def row(role: str, path: str, c: dict[str, int]) -> dict:
@@ -174,8 +193,7 @@ def calibrate(models: int, caches: int = 0, causal: int = 0, text_models: int = 
         if not r["power"]:
             unplanted.setdefault(r["role"], []).append(r["path"])
     for role, where in unplanted.items():
-        toy_only = cases.WEIGHT_PLANTS | {"memory", "amplification", "successor"}
-        why = ("the planted weights are built for the toy layout only" if role in toy_only
+        why = ("the planted weights are built for the toy layout only" if role in TOY_ONLY_PLANTS
                else "no planted head for this role yet")
         notes.append(f"{role}: power empty on {', '.join(where)} ({why})")
     return rows, notes
