@@ -28,7 +28,7 @@ from roles.memory_knockout import group_entry, judge, knockout_rows, scan_heads
 
 
 def patching_amplification(model: nn.Module, detect: dict, evaluate: dict, memory: torch.Tensor, alpha: float,
-                           min_effect: float, seed: int, check: bool
+                           min_effect: float, seed: int, check: bool, draws: int = 99
                            ) -> tuple[pd.DataFrame, torch.Tensor, dict | None, dict]:
     """Amplification heads by final-position patching on ``detect`` (``memory`` ``[L, H]``: the knockout memory heads,
     excluded), the group check (``check``) on ``evaluate``; returns the role-table rows (``effect_method``
@@ -37,7 +37,8 @@ def patching_amplification(model: nn.Module, detect: dict, evaluate: dict, memor
     verdict = judge(scan, alpha, min_effect, seed)
     excluded = int((verdict.detected & memory).sum())
     verdict.detected &= ~memory
-    group = group_entry(model, evaluate, scan, verdict.detected, alpha, min_effect, seed, patch=True) if check else None
+    group = (group_entry(model, evaluate, scan, verdict.detected, alpha, min_effect, seed, patch=True, draws=draws)
+             if check else None)
     functional = None if not check else bool(group and group["functional"])
     summary = {"floor": verdict.floor, "total_effect": scan.total, "window": scan.window,
                "window_effects": [round(float(w), 4) for w in scan.windows], "sign_flip_draws": verdict.draws,

@@ -71,6 +71,10 @@ class DetectConfig:
     """random groups of the detected group's size, ablated together for the group criterion: its p-value is at
     least 1/(1+n), so n must reach 1/alpha - 1 (19 at alpha 0.05; 99 leaves room below it); draws stop early once
     10 random groups hurt at least as much"""
+    random_directions: int = 99
+    """random direction sets of the truthfulness heads' steering check on causal LMs (`stages`), of its positive
+    and of its negative control: its p-value is at least 1/(1+n), so n must reach 1/alpha - 1 as for
+    random_groups; each set is one forward pass of the capital prompts (~1 s for SmolLM2 on 2 cores)"""
     group_batch_size: int | None = None
     """sequences of the evaluation batch used by the group criterion; default 16 for models with at most
     exact_heads heads, 4 for larger ones (99 random groups of a real model are 99 forward passes: on SmolLM2 a
@@ -99,6 +103,12 @@ class DetectConfig:
                 f"{min_attainable_p(self.random_groups):.3g}, above --detection.alpha {self.alpha}, so the group "
                 f"criterion could never pass: pass --detection.random_groups {draws_for(self.alpha)} or more")
         at_least("detection.group_batch_size", self.group_batch_size, 2, optional=True)
+        at_least("detection.random_directions", self.random_directions, 1)
+        require(min_attainable_p(self.random_directions) <= self.alpha,
+                f"--detection.random_directions {self.random_directions} gives steering p-values no smaller than "
+                f"{min_attainable_p(self.random_directions):.3g}, above --detection.alpha {self.alpha}, so the "
+                f"steering check could never pass: pass --detection.random_directions {draws_for(self.alpha)} or "
+                "more")
 
 
 @dataclass

@@ -213,14 +213,15 @@ def _group_passes(check: GroupCheck | None, detected: torch.Tensor, alpha: float
 
 
 def group_entry(model: nn.Module, batch: dict, scan: KnockoutScan, detected: torch.Tensor, alpha: float,
-                min_effect: float, seed: int, patch: bool = False) -> dict | None:
+                min_effect: float, seed: int, patch: bool = False, draws: int = 99) -> dict | None:
     """The ``groups`` entry of the memory role (:func:`roles.stages.controls.check_entries`): the detected heads
-    knocked out together against ``max(99, draws_for(alpha))`` depth-matched random groups, with a positive control
+    knocked out together against ``max(draws, draws_for(alpha))`` depth-matched random groups (``draws``:
+    ``--detection.random_groups``), with a positive control
     (as many heads with the largest single-head knockout effects, which must pass) and a negative control (as many
     heads drawn at random, treated as detected, which must not). None with no detected head."""
     if not detected.any():
         return None
-    draws = max(99, draws_for(alpha))
+    draws = max(draws, draws_for(alpha))
     size = int(detected.sum())
     known = torch.zeros_like(detected).flatten()
     known[scan.score.flatten().argsort(descending=True)[:size]] = True
@@ -241,13 +242,14 @@ def group_entry(model: nn.Module, batch: dict, scan: KnockoutScan, detected: tor
 
 
 def knockout_memory(model: nn.Module, detect: dict, evaluate: dict, alpha: float, min_effect: float, seed: int,
-                    check: bool) -> tuple[pd.DataFrame, torch.Tensor, dict | None, dict]:
+                    check: bool, draws: int = 99) -> tuple[pd.DataFrame, torch.Tensor, dict | None, dict]:
     """Memory heads by knockout: the scan and per-head verdicts on ``detect``, the group check (``check``) on
     ``evaluate``; returns the role-table rows, the detected mask ``[L, H]``, the ``groups`` entry and a summary
     (floor, all-heads and window effects, draws)."""
     scan = scan_heads(model, detect)
     verdict = judge(scan, alpha, min_effect, seed)
-    group = group_entry(model, evaluate, scan, verdict.detected, alpha, min_effect, seed) if check else None
+    group = (group_entry(model, evaluate, scan, verdict.detected, alpha, min_effect, seed, draws=draws)
+             if check else None)
     functional = None if not check else bool(group and group["functional"])
     summary = {"floor": verdict.floor, "total_effect": scan.total, "clean_log_prob": scan.clean_log_prob,
                "window": scan.window, "window_effects": [round(float(w), 4) for w in scan.windows],

@@ -76,3 +76,14 @@ def test_too_few_random_groups_for_alpha_are_refused_at_configuration():
     assert DetectConfig(random_groups=19).random_groups == 19  # 1/20 <= 0.05
     with pytest.raises(HeadlabError, match="random_groups 19"):
         DetectConfig(random_groups=19, alpha=0.01)
+
+
+def test_too_few_steering_directions_for_alpha_are_refused_at_configuration():
+    from headlab.errors import HeadlabError
+    from roles.mapping import DetectConfig
+
+    with pytest.raises(HeadlabError, match=r"random_directions 18 .* pass --detection.random_directions 19"):
+        DetectConfig(random_directions=18)
+    assert DetectConfig(random_directions=19).random_directions == 19  # 1/20 <= 0.05
+    with pytest.raises(HeadlabError, match="random_directions 19"):
+        DetectConfig(random_directions=19, alpha=0.01)

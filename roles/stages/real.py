@@ -38,7 +38,6 @@ import pandas as pd
 import torch
 
 from headlab.models import LoadedModel
-from headlab.statistics import draws_for
 from roles.amplification_patching import patching_amplification
 from roles.knowledge import capitals_batch
 from roles.mapping import Batches, DetectConfig, GroupCheck, map_heads
@@ -88,9 +87,9 @@ def knowledge_map(loaded: LoadedModel, cfg: DetectConfig, seed: int, ablate: boo
     evaluate = {k: v[:cfg.group_batch_size] if torch.is_tensor(v) and v.ndim >= 1 and k != "distractors" else v
                 for k, v in batches.eval.items()}
     memory_rows, knocked, memory_group, memory = knockout_memory(model, detect, evaluate, cfg.alpha,
-                                                                 cfg.min_effect, seed, check=ablate)
+                                                                 cfg.min_effect, seed, ablate, cfg.random_groups)
     amplification_rows, patched, amplification_group, amplification = patching_amplification(
-        model, detect, evaluate, knocked, cfg.alpha, cfg.min_effect, seed, check=ablate)
+        model, detect, evaluate, knocked, cfg.alpha, cfg.min_effect, seed, ablate, cfg.random_groups)
     groups = {role: group for role, group in (("memory", memory_group), ("amplification", amplification_group))
               if group is not None}
     memory["agreement"] = agreement(knocked, _detected(attributed, "memory"), "knockout")
@@ -146,8 +145,8 @@ def truthfulness_rows(loaded: LoadedModel, work: Path, cfg: DetectConfig, seed: 
     })
     steering = None
     if steer and detected.any():
-        steering = steer_truth(loaded, HeadCache.open(cache_dir), probe_dir, heads[detected], seed,
-                               significance=cfg.alpha)
+        config = TruthSteeringConfig(significance=cfg.alpha, n_random=cfg.random_directions)
+        steering = steer_truth(loaded, HeadCache.open(cache_dir), probe_dir, heads[detected], seed, config=config)
         frame["functional"] = detected & (steering["verdict"] == FUNCTIONAL)
         frame["effect_method"] = steering["decided_by"]
     return frame, steering
@@ -162,7 +161,7 @@ def steer_truth(loaded: LoadedModel, cache, probe_dir: Path, detected: pd.DataFr
     depth-matched random heads. ``pairs``: (country, capital) pairs to prompt with (default: the shipped table)."""
     from probes.report import load_directions
 
-    config = config or TruthSteeringConfig(significance=significance, n_random=draws_for(significance / 5))
+    config = config or TruthSteeringConfig(significance=significance)
     best = detected.sort_values("val_accuracy", ascending=False)
     ranked = [(int(r.layer), int(r.head)) for r in best.itertuples()]
     table, _ = load_directions(probe_dir / "directions.safetensors")
