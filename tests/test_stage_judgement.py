@@ -244,3 +244,49 @@ def test_checks_list_has_one_entry_per_readout():
     assert r1_entry["verdict"] == r2_entry["verdict"] == FUNCTIONAL and r2_entry["decided_by"] == "steering:R2"
     assert (r1_entry["p_value"], r2_entry["p_value"]) == (0.5, 0.01) and r2_entry["passed"] is True
     assert (r1_entry["edit_applied_at"], r2_entry["edit_applied_at"]) == ("answers", "here too")
+
+
+def _tokenizer_with_upper_case_answers():
+    """The word tokenizer with "TRUE" and "FALSE" in place of "true" and "false" (same ids), so that R2's default
+    answers are known words."""
+    import transformers
+    from tiny_models import WORDS as VOCABULARY
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+
+    words = [w.upper() if w in ANSWERS else w for w in VOCABULARY]
+    backend = Tokenizer(models.WordLevel(vocab={"[PAD]": 0, "[UNK]": 1, "[BOS]": 2,
+                                                **{w: i + 3 for i, w in enumerate(words)}}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 2)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                                bos_token="[BOS]")
+
+
+def test_steer_truth_runs_both_readouts_and_the_checks_list_holds_both(planted, tmp_path):
+    """roles/stages/real.py's entry point on the planted model: R1 and R2 on the same ranked heads and directions
+    (from directions.safetensors), R2 under ``r2``, the heads' verdict decided by R2, one checks entry each."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pandas as pd
+    from safetensors.numpy import save_file
+
+    from headlab.models import LoadedModel
+    from roles.stages.real import steer_truth
+
+    units = {**_units(), HEAD: _unit(U)}
+    table = np.stack([np.stack([units[(layer, head)].numpy()[None] for head in range(4)]) for layer in range(2)])
+    save_file({"mass_mean_direction": table.astype(np.float32)}, str(tmp_path / "directions.safetensors"))
+    detected = pd.DataFrame({"layer": [0, 0], "head": [1, 2], "val_accuracy": [0.8, 0.9]})
+    cfg = TruthSteeringConfig(ks=(1,), alphas=(4.0,), main_k=1, main_alpha=4.0, n_random=39, n_random_heads=2,
+                              n_prompts=3, n_false=2, n_texts=4, n_shots=4, n_statements=6)
+    loaded = LoadedModel(planted, _tokenizer_with_upper_case_answers(), "tiny", "tiny")
+    pairs = [("france", "paris"), ("germany", "berlin"), ("italy", "rome")]
+    out = steer_truth(loaded, SimpleNamespace(layers=[0, 1]), tmp_path, detected, 0, config=cfg, pairs=pairs,
+                      examples=EXAMPLES)
+    assert out["heads"] == out["r2"]["heads"] == [list(HEAD)]  # the best by validation accuracy, in both readouts
+    assert out["r2"]["verdict"] == FUNCTIONAL and out["r2"]["answer_tokens"] == ["TRUE", "FALSE"]
+    assert out["verdict"] == FUNCTIONAL and "R2" in out["decided_by"] and out["r1_verdict"] in (FUNCTIONAL, UNUSED)
+    names = [entry["name"] for entry in check_entries({}, out, 0.05)]
+    assert names == ["steering:truthfulness", "steering:truthfulness:r2"]
