@@ -206,11 +206,31 @@ def test_stage_check_on_a_random_model_and_its_controls(model, tokenizer):
 
 
 def test_stage_check_on_the_planted_model_is_functional(planted, tokenizer):
+    """Functional, with sigma and the shift recomputed from the prompts the check reports, each run alone: sigma
+    the std of the head's projection at each statement's last token, the edit written there."""
     out = truth_judgement(planted, tokenizer, [HEAD, (0, 1)], {**_units(), HEAD: _unit(U)}, 0, CONFIG, EXAMPLES,
                           ANSWERS)
     assert out["verdict"] == FUNCTIONAL and out["heads"] == [list(HEAD)] and out["p_value"] == pytest.approx(1 / 40)
     assert out["shift_false"] > 0 and out["shift_true"] > 0 and out["shift_negative_false"] < 0
     assert out["positive_control_passed"] and not out["negative_control_passed"]
+    true, false = (tokenizer.convert_tokens_to_ids(a) for a in ANSWERS)
+    prompts = [tokenizer(out["prompt_shots"] + text + " This statement is:")["input_ids"]
+               for text in out["test_statements"]]
+    edited = [len(tokenizer(out["prompt_shots"] + text)["input_ids"]) - 1 for text in out["test_statements"]]
+    seen = []
+    handle = _o_proj(planted, 0).register_forward_pre_hook(lambda _m, args: seen.append(args[0][0, :, 16:24]))
+    try:
+        with torch.no_grad():
+            for tokens in prompts:
+                planted(torch.tensor([tokens]))
+    finally:
+        handle.remove()
+    sigma = float((torch.stack([z[t] for z, t in zip(seen, edited)]) @ _unit(U)).std(unbiased=False))
+    assert out["sigma"]["0.2"] == pytest.approx(sigma, rel=1e-4)
+    write = _o_proj(planted, 0).weight.detach()[:, 16:24] @ (CONFIG.main_alpha * sigma * _unit(U))
+    by_hand = [_margin_alone(planted, tokens, true, false, t, write) - _margin_alone(planted, tokens, true, false)
+               for tokens, t in zip(prompts, edited)]
+    assert out["shift"] == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-4)
 
 
 def test_a_tokenizer_without_the_answers_gives_a_check_that_did_not_run(model, tokenizer):
