@@ -90,7 +90,7 @@ def test_stages_on_smollm2_runs_every_causal_check_with_its_controls(tmp_path, c
     assert verdict is not None and int(verdict.group(1)) >= 3
     summary = json.loads((out / "summary.json").read_text())
     checks = {c["name"]: c for c in summary["checks"] if c["model"] == "smollm2"}
-    assert {"group:induction", "group:memory", "steering:truthfulness"} <= set(checks)
+    assert {"group:induction", "group:memory", "steering:truthfulness", "steering:truthfulness:r2"} <= set(checks)
     for name, check in checks.items():
         assert {"p_value", "min_attainable_p", "passed", "positive_control_passed",
                 "negative_control_passed"} <= set(check)
@@ -99,6 +99,7 @@ def test_stages_on_smollm2_runs_every_causal_check_with_its_controls(tmp_path, c
         assert check["positive_control_passed"] is True, f"{name}: positive control failed ({check})"
     assert checks["group:induction"]["negative_control_passed"] is False
     assert checks["steering:truthfulness"]["negative_control_passed"] is False
+    assert checks["steering:truthfulness:r2"]["negative_control_passed"] is False
     rows = pd.read_csv(out / "stages.csv")
     memory = rows[(rows["model"] == "smollm2") & (rows["role"] == "memory")]
     assert len(memory) and (memory["effect_method"] == "knockout").all()

@@ -7,14 +7,18 @@ same code and the same statistics:
   :func:`roles.mapping.group_check`): the positive control is the same number of heads with the largest single-head
   ablation effects (heads known to matter), which must pass; the negative control is a random group of that size
   treated as if it were detected, which must not (it passes with probability about alpha by design).
-* **steering check** (readout R1, :mod:`roles.stages.truth_steering`): its positive control steers the same heads
-  along each prompt's direct-path direction ``W_O[h]^T (W_U[true] - mean_i W_U[false_i])``, its negative control
-  along random directions in place of the probe's; both run there, through the same statistic. :func:`logit_direction`
-  is the one-pair form of that direction.
+* **steering checks** (readout R1, :mod:`roles.stages.truth_steering`; readout R2,
+  :mod:`roles.stages.truth_judgement`): the positive control steers as many heads of the last layers along their
+  direct-path directions (R1: ``W_O[h]^T diag(g) (W_U[true] - mean_i W_U[false_i])`` per prompt at the edited answer
+  positions; R2: ``W_O[h]^T diag(g) (W_U[TRUE] - W_U[FALSE])`` at the final position), the negative control the
+  probe's heads along random directions in place of the probe's; both run there, through the same statistic.
+  :func:`logit_direction` is the one-pair form of that direction.
 
 Each entry of ``checks``: ``name, p_value, min_attainable_p, passed, positive_control_passed,
-negative_control_passed`` (None where a control could not be run, with the reason in ``note``); the steering entry
-adds its ``readout`` (R1) and the truthfulness ``verdict``.
+negative_control_passed`` (None where a control could not be run, with the reason in ``note``); the steering entries
+(``steering:truthfulness`` for readout R1, ``steering:truthfulness:r2`` for R2, :mod:`roles.stages.truth_judgement`)
+add their ``readout``, ``shift``, ``shift_negative``, where the probe was trained and the edit applied, the readout's
+own verdict and the truthfulness heads' ``verdict`` with the readouts that ``decided_by`` it.
 """
 
 from __future__ import annotations
@@ -80,10 +84,21 @@ def check_entries(groups: dict[str, dict], steering: dict | None, alpha: float) 
                         "positive_control_passed": group.get("positive_control_passed"),
                         "negative_control_passed": group.get("negative_control_passed"), "alpha": alpha})
     if steering is not None:
-        entries.append({"name": "steering:truthfulness", "p_value": steering["p_value"],
-                        "min_attainable_p": steering["min_attainable_p"], "passed": steering["passed"],
-                        "positive_control_passed": steering.get("positive_control_passed"),
-                        "negative_control_passed": steering.get("negative_control_passed"),
-                        "alpha": steering["significance"], "readout": steering.get("readout"),
-                        "verdict": steering.get("verdict"), "note": steering.get("note")})
+        entries.append(_steering_entry("steering:truthfulness", steering, steering.get("r1_verdict"), steering))
+        if steering.get("r2") is not None:
+            entries.append(_steering_entry("steering:truthfulness:r2", steering["r2"], steering["r2"].get("verdict"),
+                                           steering))
     return entries
+
+
+def _steering_entry(name: str, readout: dict, own_verdict: str | None, heads: dict) -> dict[str, Any]:
+    """One readout's entry: its statistics and controls, where its probe was trained and its edit applied, its own
+    verdict (``readout_verdict``) and the truthfulness heads' verdict from every readout (``verdict``,
+    ``decided_by``)."""
+    return {"name": name, "p_value": readout["p_value"], "min_attainable_p": readout["min_attainable_p"],
+            "passed": readout["passed"], "positive_control_passed": readout.get("positive_control_passed"),
+            "negative_control_passed": readout.get("negative_control_passed"), "alpha": readout["significance"],
+            "readout": readout.get("readout"), "shift": readout.get("shift"),
+            "shift_negative": readout.get("shift_negative"), "probe_trained_at": readout.get("probe_trained_at"),
+            "edit_applied_at": readout.get("edit_applied_at"), "readout_verdict": own_verdict or heads.get("verdict"),
+            "verdict": heads.get("verdict"), "decided_by": heads.get("decided_by"), "note": readout.get("note")}

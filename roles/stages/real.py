@@ -16,7 +16,10 @@ LR    induction, successor       detector     as above (successor: OV succession
 LR    truthfulness heads         probe        a linear probe per head on true/false capital statements (cache +
                                               probe, the Inference-Time Intervention recipe); steering the top heads
                                               along their directions, read by answer scoring (R1,
-                                              :mod:`roles.stages.truth_steering`), against random directions
+                                              :mod:`roles.stages.truth_steering`) and by a few-shot TRUE/FALSE
+                                              judgement edited at the probe's full stop (R2,
+                                              :mod:`roles.stages.truth_judgement`), against random directions;
+                                              functional when either readout passes
 EP    amplification heads        patching     the head's final-position output patched from another prompt lowers
                                               the answer's log-probability (:mod:`roles.amplification_patching`),
                                               knockout memory heads excluded; the detected group patched against
@@ -30,6 +33,7 @@ Every scored (head, role) becomes a row with its method and evidence, detected o
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +49,7 @@ from roles.memory_knockout import agreement, knockout_memory
 from roles.real import map_real_model, task_batches
 from roles.registry import measure_heads
 from roles.stages.controls import group_controls
+from roles.stages.truth_judgement import combined_verdict, truth_judgement
 from roles.stages.truth_steering import FUNCTIONAL, TruthSteeringConfig, mass_mean_units, truth_steering
 from roles.table import RoleTable
 
@@ -155,10 +160,13 @@ def truthfulness_rows(loaded: LoadedModel, work: Path, cfg: DetectConfig, seed: 
 @torch.no_grad()
 def steer_truth(loaded: LoadedModel, cache, probe_dir: Path, detected: pd.DataFrame, seed: int,
                 significance: float = 0.05, config: TruthSteeringConfig | None = None,
-                pairs: list[tuple[str, str]] | None = None) -> dict:
-    """The R1 steering check (:func:`roles.stages.truth_steering.truth_steering`) of the detected heads, ranked by
-    validation accuracy, along their mass-mean truth directions; every head's direction is passed for the
-    depth-matched random heads. ``pairs``: (country, capital) pairs to prompt with (default: the shipped table)."""
+                pairs: list[tuple[str, str]] | None = None, examples: list[dict] | None = None) -> dict:
+    """The steering checks of the detected heads, ranked by validation accuracy, along their mass-mean truth
+    directions: R1 (:func:`roles.stages.truth_steering.truth_steering`; every head's direction is passed for the
+    depth-matched random heads) and R2 (:func:`roles.stages.truth_judgement.truth_judgement`, under ``r2``), with
+    the verdict of both (:func:`roles.stages.truth_judgement.combined_verdict`; R1's own in ``r1_verdict``).
+    ``pairs``: (country, capital) pairs to prompt R1 with, ``examples``: labelled statements for R2 (default: the
+    shipped capitals)."""
     from probes.report import load_directions
 
     config = config or TruthSteeringConfig(significance=significance)
@@ -167,7 +175,12 @@ def steer_truth(loaded: LoadedModel, cache, probe_dir: Path, detected: pd.DataFr
     table, _ = load_directions(probe_dir / "directions.safetensors")
     units = mass_mean_units(table, cache.layers)
     n_heads = table["mass_mean_direction"].shape[1]
-    return truth_steering(loaded.model, loaded.tokenizer, ranked, units, n_heads, seed, config, pairs)
+    r1 = truth_steering(loaded.model, loaded.tokenizer, ranked, units, n_heads, seed, config, pairs)
+    started = time.perf_counter()
+    r2 = truth_judgement(loaded.model, loaded.tokenizer, ranked, units, seed, config, examples)
+    r2["seconds"] = time.perf_counter() - started
+    log.info("truthfulness R2 steering check: %.0f s", r2["seconds"])
+    return {**r1, "r1_verdict": r1["verdict"], **combined_verdict(r1, r2), "r2": r2}
 
 
 def real_stages(loaded: LoadedModel, cfg: DetectConfig, length: int, seed: int, ablate: bool, work: Path,

@@ -46,6 +46,8 @@ from roles.ov import final_norm_gain
 Head = tuple[int, int]
 TEMPLATE = "The capital of {country} is"
 FUNCTIONAL, UNUSED, NOT_DETECTED = "functional", "carries information but was not shown to be used", "not detected"
+PROBE_POSITION = "the full stop of a capitals statement ('The capital of X is Y.', cache positions=last)"
+R1_EDIT = "the last prompt token and the answer tokens of 'The capital of X is' + ' <capital>'"
 
 
 @dataclass
@@ -71,6 +73,10 @@ class TruthSteeringConfig:
     """False capitals per prompt (the MC2 share's denominator)."""
     n_texts: int = 16
     """Generic texts (templated reviews and IOI sentences) for the KL of each edit."""
+    n_shots: int = 6
+    """R2: labelled example statements of the few-shot prompt (:mod:`roles.stages.truth_judgement`)."""
+    n_statements: int = 16
+    """R2: test statements judged (half true)."""
 
 
 def capital_candidates(tokenizer, n_prompts: int, n_false: int, seed: int,
@@ -227,6 +233,7 @@ def not_run(reason: str, cfg: TruthSteeringConfig) -> dict:
     """The steering dict of a check that could not run (``note`` says why): detected heads stay unshown to be used."""
     return {"verdict": UNUSED, "readout": "R1", "decided_by": "steering:R1", "note": reason, "passed": False,
             "p_value": None, "min_attainable_p": None, "significance": cfg.significance,
+            "probe_trained_at": PROBE_POSITION, "edit_applied_at": R1_EDIT,
             "positive_control_passed": None, "negative_control_passed": None}
 
 
@@ -278,6 +285,7 @@ def truth_steering(model: nn.Module, tokenizer, ranked: list[Head], units: Mappi
     return {**main, "readout": "R1", "verdict": truth_verdict(True, main), "decided_by": "steering:R1",
             "readout_formula": "sum_j log p(true answer token j) - mean_i sum_j log p(false answer i token j), edited "
                                "at the last prompt token and the answer tokens",
+            "probe_trained_at": PROBE_POSITION, "edit_applied_at": R1_EDIT,
             "sigma": {f"{h[0]}.{h[1]}": sigma[h] for h in heads}, "baseline_mc2": base["mc2"],
             "steered_mc2": steered["mc2"], "baseline_margin": base["margin"], "kl": steered_kl(dose, main_k, cfg),
             "random_direction_kl": random_kl, "dose_response": dose, "prompts": batch.n_prompts,
