@@ -7,9 +7,7 @@ detected head passes the causal check, or the detected heads together beat rando
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from headlab.statistics import draws_for, min_attainable_p
 from roles.ablation import AblationKind, AblationResult, ablation_effects, group_effects
 from roles.attribution import screen_and_confirm
 from roles.evidence import Evidence
+from roles.groups import random_groups
 from roles.null import NullStats, null_distribution
 from roles.plots import plot_role_map
 from roles.registry import measure_heads
@@ -261,27 +260,6 @@ def group_check(model: nn.Module, batches: Batches, detected: torch.Tensor, cfg:
     while len(drawn) < len(randoms) and sum(e >= effect for e in drawn) < SEQUENTIAL_HITS:
         drawn += group_effects(model, evaluate, randoms[len(drawn):len(drawn) + GROUP_CHUNK], cfg.ablation, other)
     return GroupCheck(heads, effect, drawn, planned=len(randoms))
-
-
-def random_groups(heads: list[tuple[int, int]], shape: tuple[int, int], draws: int, seed: int
-                  ) -> list[list[tuple[int, int]]]:
-    """The reference groups of :func:`group_check`: groups of ``len(heads)`` heads drawn uniformly from all heads.
-
-    This makes the check a permutation test: under the null the detected set is one more uniform draw, so
-    ``P(p <= alpha) <= alpha``. When the model has at most ``draws + 1`` such groups, every other group, once
-    each, in random order (the exact test; its smallest p is ``1 / C(heads, k)``); otherwise ``draws`` Monte Carlo
-    draws. Drawing from the *other* heads only, as before, is not a permutation test: on random 8-head toy models a
-    random pair beat the disjoint pairs at p <= 0.05 in 6 of 100 tries (``python -m roles.calibrate``), since a
-    pair holding a model's most harmful head beats every pair without it. A group carried by one head is, in
-    turn, not special here (random groups may hold that head too): the group criterion asks what the heads do
-    together, the single-head criterion what each does."""
-    everyone = [(a, b) for a in range(shape[0]) for b in range(shape[1])]
-    generator = torch.Generator().manual_seed(seed)
-    if math.comb(len(everyone), len(heads)) <= draws + 1:
-        groups = [list(g) for g in itertools.combinations(everyone, len(heads)) if sorted(g) != sorted(heads)]
-        return [groups[i] for i in torch.randperm(len(groups), generator=generator).tolist()]
-    return [[everyone[i] for i in torch.randperm(len(everyone), generator=generator)[: len(heads)].tolist()]
-            for _ in range(draws)]
 
 
 @dataclass

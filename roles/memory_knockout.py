@@ -32,6 +32,7 @@ from torch import nn
 
 from headlab.heads import head_sites
 from headlab.statistics import benjamini_hochberg, draws_for, min_attainable_p, sign_flip_p
+from roles.groups import depth_matched_groups, distinct_matched_groups
 from roles.knockout import PrefixRun, default_window, head_plans, knockout_log_probs, window_plans
 from roles.mapping import GroupCheck
 
@@ -122,35 +123,6 @@ def judge(scan: KnockoutScan, alpha: float, min_effect: float, seed: int) -> Kno
     detected = (scan.score >= floor) & torch.from_numpy(p_adjusted <= alpha).view(shape)
     return KnockoutVerdict(floor, torch.from_numpy(p).view(shape), torch.from_numpy(p_adjusted).view(shape),
                            detected, draws)
-
-
-def depth_matched_groups(detected: torch.Tensor, n_groups: int, seed: int) -> torch.Tensor:
-    """``n_groups`` random groups with as many heads in each layer as ``detected`` ``[L, H]`` has, drawn from that
-    layer's undetected heads (from all its heads when too few are left): bool ``[n_groups, L, H]``."""
-    generator = torch.Generator().manual_seed(seed)
-    groups = torch.zeros(n_groups, *detected.shape, dtype=torch.bool)
-    for layer in range(detected.shape[0]):
-        k = int(detected[layer].sum())
-        if k == 0:
-            continue
-        pool = (~detected[layer]).nonzero().flatten()
-        if len(pool) < k:
-            pool = torch.arange(detected.shape[1])
-        for g in range(n_groups):
-            groups[g, layer, pool[torch.randperm(len(pool), generator=generator)[:k]]] = True
-    return groups
-
-
-def distinct_matched_groups(detected: torch.Tensor) -> int:
-    """How many different depth-matched groups exist (the Monte Carlo p-value cannot resolve below ``1 / that``)."""
-    from math import comb
-
-    count = 1
-    for layer in range(detected.shape[0]):
-        k = int(detected[layer].sum())
-        free = int((~detected[layer]).sum())
-        count *= comb(free if free >= k else detected.shape[1], k)
-    return count
 
 
 @torch.no_grad()

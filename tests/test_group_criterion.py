@@ -54,7 +54,7 @@ def test_sequential_p_value_stops_at_ten_hits_and_reports_hits_over_draws():
 def test_small_models_get_every_other_group_once_and_large_ones_uniform_draws():
     from itertools import combinations
 
-    from roles.mapping import random_groups
+    from roles.groups import random_groups
 
     pair = [(0, 0), (1, 3)]
     exact = random_groups(pair, (2, 4), draws=99, seed=0)  # C(8, 2) = 28 groups: the 27 others, each once

@@ -14,8 +14,9 @@ import torch
 from headlab.heads import hook_heads
 from headlab.statistics import sign_flip_p
 from roles.amplification_patching import patching_amplification
+from roles.groups import depth_matched_groups, distinct_matched_groups
 from roles.knockout import PrefixRun, head_plans, knockout_log_probs, window_plans
-from roles.memory_knockout import depth_matched_groups, distinct_matched_groups, group_knockout, judge, scan_heads
+from roles.memory_knockout import group_knockout, judge, scan_heads
 from tests.memory_models import fact_batch, fact_model, plant_amplifier_head, plant_memory_head
 
 

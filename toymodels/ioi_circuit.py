@@ -15,7 +15,7 @@ sequences:
 * **causal check**: mean-ablating the selective copying heads together lowers the logit difference
   ``logit[IO] - logit[S]`` at END (mean over the batch) by ``drop``: at least :data:`MIN_SHARE` (10%) of the clean
   difference, and more than the median drop of 19 random groups of as many heads, drawn from all heads as the group
-  criterion draws them (:func:`roles.mapping.random_groups`). The median, not a rank
+  criterion draws them (:func:`roles.groups.random_groups`). The median, not a rank
   test as :class:`roles.mapping.GroupCheck` uses for the loss: a random group that holds an upstream head of the
   same circuit (S-inhibition, duplicate token) legitimately drops the difference as much (in the planted circuit of
   ``tests/test_ioi_planted.py`` 2 groups of 19 do at seed 0, a rank p-value of 0.15);
@@ -41,7 +41,7 @@ from torch import nn
 from data.tasks import Batch, Task
 from headlab.heads import hook_heads
 from roles.ablation import ablation_fn, capture_z, position_means
-from roles.mapping import random_groups
+from roles.groups import random_groups
 from roles.ov import name_copy
 from roles.patterns import attention_patterns
 from roles.rule import floor_of

@@ -41,6 +41,7 @@ from headlab.placement import real_tensor
 from probes.answer_steering import CandidateBatch, candidate_batch, edit_kl, edit_sigma, r1_readout, scores
 from probes.steering import steering_check
 from roles.batches import text_frame
+from roles.groups import depth_matched_groups
 from roles.ov import final_norm_gain
 
 Head = tuple[int, int]
@@ -149,18 +150,6 @@ def mass_mean_units(table: Mapping[str, np.ndarray], layers: list[int]) -> dict[
             for i, layer in enumerate(layers) for head in range(directions.shape[1])}
 
 
-def _matched_heads(heads: list[Head], n_heads: int, generator: torch.Generator) -> list[Head] | None:
-    """For each head another head of its layer, none of them steered; None where a layer has too few others."""
-    chosen = []
-    for layer in sorted({h[0] for h in heads}):
-        count = sum(1 for h in heads if h[0] == layer)
-        free = [k for k in range(n_heads) if (layer, k) not in heads]
-        if len(free) < count:
-            return None
-        chosen += [(layer, free[i]) for i in torch.randperm(len(free), generator=generator)[:count].tolist()]
-    return chosen
-
-
 def _dose(model, batch, generic, scaled, heads, alpha, draws, cfg, seed) -> tuple[dict | None, list[dict]]:
     """The steering check of ``heads`` at ``alpha`` with ``draws`` random direction sets (0: the shifts only, no
     result): its result dict and two dose rows (``+alpha``, ``-alpha``: margin shift, MC2 share, KL on generic
@@ -185,12 +174,14 @@ def _dose(model, batch, generic, scaled, heads, alpha, draws, cfg, seed) -> tupl
 def _random_heads(model, batch, scaled, heads, base, shift, n_heads, cfg, seed) -> dict:
     """Depth-matched random head sets along their own scaled mass-mean directions, at the main alpha: their margin
     shifts and the one-sided share ``(1 + #{shift_r >= shift}) / (1 + n)``."""
-    generator = torch.Generator().manual_seed(seed + 17)
+    steered = torch.zeros(max(h[0] for h in heads) + 1, n_heads, dtype=torch.bool)
+    for head in heads:
+        steered[head] = True
+    if bool((steered.sum(-1) > (~steered).sum(-1)).any()):
+        return {"random_heads_p": None, "random_heads_note": "a steered layer has too few other heads"}
     shifts = []
-    for _ in range(cfg.n_random_heads):
-        matched = _matched_heads(heads, n_heads, generator)
-        if matched is None:
-            return {"random_heads_p": None, "random_heads_note": "a steered layer has too few other heads"}
+    for group in depth_matched_groups(steered, cfg.n_random_heads, seed + 17):
+        matched = [(int(a), int(b)) for a, b in group.nonzero().tolist()]
         fn = steer({h: scaled[h] for h in matched}, cfg.main_alpha, batch.edit)
         shifts.append(scores(model, batch, fn)["margin"] - base)
     p = (1 + sum(s >= shift for s in shifts)) / (1 + len(shifts))
