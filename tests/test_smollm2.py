@@ -76,14 +76,17 @@ def test_probe_on_a_smollm2_cache_survives_degenerate_heads(tmp_path):
 
 def test_stages_on_smollm2_runs_every_causal_check_with_its_controls(tmp_path, capsys):
     """The stage map with every causal check on (issue: no test ran the steering branch or the causal checks of
-    `stages` on a causal LM). Smaller batches than the defaults keep it to minutes; the checks' draws are the
-    defaults (99), so each can reach p = 0.01 and is judged at 0.05."""
+    `stages` on a causal LM). Smaller batches and fewer draws than the defaults keep it to minutes: 19 random
+    groups and 19 random direction sets, the fewest with which a check can still reach alpha (p = 1/20 = 0.05,
+    judged by <=), so every check here can say yes and no. The default run (99 draws, p down to 0.01) is the
+    README's; this test pins the code path and both controls of every check."""
     import re
 
     out = tmp_path / "stages"
     assert main(["stages", "--models", "[smollm2]", "--out", str(out), "--probe_limit", "300", "--length", "32",
                  "--detection.batch_size", "16", "--detection.eval_batch_size", "8", "--detection.n_null", "0",
-                 "--detection.top_k", "4"]) == 0
+                 "--detection.top_k", "4", "--detection.random_groups", "19",
+                 "--detection.random_directions", "19"]) == 0
     printed = capsys.readouterr().out
     verdict = re.search(r"stages: smollm2 types=(\d+) tau=(\S+) perm_p=(\S+) min_p=(\S+) "
                         r"verdict=(consistent|inconsistent|inconclusive)", printed)
