@@ -286,3 +286,45 @@ def test_iteration_without_prefix_keeps_its_vocabulary_and_sequences():
     assert int(ids.max()) <= 3 and (ids[:, 0] != 2).all()  # no filler token, x_1 at position 0
     with pytest.raises(HeadlabError, match="prefix_max"):
         make_task("iteration", prefix_max=-1)
+
+
+def test_iteration_start_token_and_filler_vocabulary_shift_x1_and_keep_targets_and_mask():
+    # reference built by hand from the layout [BOS, m fillers, x_1..x_n, EoI, s_1..s_n, PAD...]
+    task = make_task("iteration", min_bits=1, max_bits=5, rule="polynomial", modulus=5, prefix_max=3, fill_vocab=4,
+                     bos=True)
+    sep, pad, fills, bos = 5, 6, {7, 8, 9, 10}, 11
+    assert task.vocab_size == 12 and task.seq_len == 1 + 3 + 2 * 5 + 1
+    batch = task.batch(512, seed=3)
+    seen_fill, prefixes, lengths = set(), set(), set()
+    for ids, targets, mask in zip(batch["input_ids"].tolist(), batch["targets"].tolist(), batch["iteration_mask"]):
+        assert ids[0] == bos and ids.count(bos) == 1
+        m = 0
+        while ids[1 + m] in fills:
+            seen_fill.add(ids[1 + m])
+            m += 1
+        e = ids.index(sep)
+        n = e - 1 - m
+        prefixes.add(m)
+        lengths.add(n)
+        xs = ids[1 + m:e]
+        assert all(1 <= x <= 4 for x in xs)
+        states, s = [], 0
+        for x in xs:
+            s = (s * x + 1) % 5
+            states.append(s)
+        assert ids[e + 1:e + 1 + n] == states and set(ids[e + 1 + n:]) <= {pad}
+        expected = [-100] * len(ids)
+        for t in range(1, n + 1):
+            expected[e + t - 1] = states[t - 1]
+        assert targets == expected
+        assert [(int(q), int(k)) for q, k in mask.nonzero()] == [(e + t - 1, m + t) for t in range(1, n + 1)]
+    assert seen_fill == fills and prefixes == set(range(4)) and lengths == set(range(1, 6))
+
+
+def test_iteration_start_token_without_prefix_puts_x1_at_position_1():
+    task = make_task("iteration", min_bits=2, max_bits=4, rule="polynomial", modulus=5, bos=True)
+    assert (task.vocab_size, task.seq_len, task.bos_token) == (8, 10, 7)
+    ids = task.batch(64, seed=0)["input_ids"]
+    assert (ids[:, 0] == 7).all() and ((ids[:, 1] >= 1) & (ids[:, 1] <= 4)).all()
+    with pytest.raises(HeadlabError, match="fill_vocab"):
+        make_task("iteration", fill_vocab=0)

@@ -14,7 +14,12 @@ after ``PAD``) before ``x_1``, so that no absolute position tells where ``x_t`` 
 default) ``x_1`` sits at position 0 and a layer-0 head can guess ``x_t`` from the query's position alone. With a
 prefix, ``x_t`` is at ``m + t - 1``, ``SEP`` at ``m + n``, and the query for ``s_t`` at ``m + n + t - 1``: the key
 is still ``query - n``. Cabannes et al. have no prefix (their sequences start with a task token); their lengths
-vary over ``1..n_len``, which moves ``SEP`` but not ``x_1``.
+vary over ``1..n_len``, which moves ``SEP`` but not ``x_1``. ``fill_vocab > 1`` draws each filler token uniformly
+from ``fill_vocab`` distinct ids (``FILL .. FILL + fill_vocab - 1``) instead of repeating one.
+
+``bos`` puts a start token ``BOS`` (the last id) at position 0, before any filler: Cabannes et al.'s task token, which
+their sequences start with (``[task, x_1 .. x_L, EoI, y_1 .. y_L]``); it gives every head a fixed place to park its
+attention. The key is still ``query - n``.
 
 ``rule="polynomial"`` is Cabannes et al.'s polynomial iteration instead of parity: inputs ``x_t`` uniform in
 ``1 .. modulus - 1``, ``s_t = s_{t-1} * x_t + 1 mod modulus`` (``s_0 = 0``; their ``modulus`` is 11), tokens
@@ -46,6 +51,8 @@ class IterationTask(Task):
     rule: str = "parity"
     modulus: int = 11
     prefix_max: int = 0
+    fill_vocab: int = 1
+    bos: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_bits <= self.max_bits:
@@ -56,6 +63,8 @@ class IterationTask(Task):
             raise ValueError(f"modulus must be at least 3, got {self.modulus}")
         if self.prefix_max < 0:
             raise ValueError(f"prefix_max must be at least 0, got {self.prefix_max}")
+        if self.fill_vocab < 1:
+            raise ValueError(f"fill_vocab must be at least 1, got {self.fill_vocab}")
 
     @property
     def n_symbols(self) -> int:
@@ -68,12 +77,22 @@ class IterationTask(Task):
         return self.n_symbols
 
     @property
+    def n_fill(self) -> int:
+        """Filler token ids (``FILL``, after ``PAD``): ``fill_vocab`` of them with a prefix, none without."""
+        return self.fill_vocab if self.prefix_max else 0
+
+    @property
+    def bos_token(self) -> int | None:
+        """The start token at position 0 (the last id), or None without ``bos``."""
+        return self.n_symbols + 2 + self.n_fill if self.bos else None
+
+    @property
     def vocab_size(self) -> int:
-        return self.n_symbols + (3 if self.prefix_max else 2)
+        return self.n_symbols + 2 + self.n_fill + int(self.bos)
 
     @property
     def seq_len(self) -> int:
-        return self.prefix_max + 2 * self.max_bits + 1
+        return int(self.bos) + self.prefix_max + 2 * self.max_bits + 1
 
     def _sample(self, batch_size: int, generator: torch.Generator, split: str) -> Batch:
         b, t = batch_size, self.seq_len
@@ -82,8 +101,12 @@ class IterationTask(Task):
         if self.prefix_max:
             m = uniform_int(0, self.prefix_max, b, generator)[:, None]  # filler tokens before x_1
         pos = torch.arange(t)[None, :]  # [1, T]
-        rel = pos - m  # position relative to x_1
-        sep, pad, fill = self.n_symbols, self.n_symbols + 1, self.n_symbols + 2
+        start = m + int(self.bos)  # the position of x_1
+        rel = pos - start  # position relative to x_1
+        sep, pad = self.n_symbols, self.n_symbols + 1
+        fill = sep + 2
+        if self.fill_vocab > 1 and self.prefix_max:
+            fill = fill + randint(self.fill_vocab, (b, t), generator)  # one filler id per position
         if self.rule == "parity":
             bits = randint(2, (b, t), generator) * (pos < n)  # x_1..x_n in columns 0..n-1
             states = bits.cumsum(dim=1) % 2  # states[:, k] = s_{k+1}
@@ -98,6 +121,8 @@ class IterationTask(Task):
         cot = states.gather(1, (rel - n - 1).clamp(min=0))  # position m + n + t holds s_t
         tokens = torch.where(rel < n, inputs, torch.where(rel == n, sep, torch.where(rel <= 2 * n, cot, pad)))
         tokens = torch.where(rel < 0, fill, tokens)
+        if self.bos:
+            tokens[:, 0] = self.bos_token
         is_query = (rel >= n) & (rel < 2 * n)  # positions predicting s_1 .. s_n
         targets = torch.full_like(tokens, IGNORE)
         targets[:, :-1] = torch.where(is_query[:, :-1], tokens[:, 1:], IGNORE)
