@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import tiny_model, word_tokenizer
+from tiny_models import llama_o_proj, seeded_unit, tiny_model, word_tokenizer
 
 from headlab.interventions import steer
 from probes.answer_steering import edit_sigma
@@ -40,15 +40,6 @@ def tokenizer():
     return word_tokenizer(bos=True)
 
 
-def _unit(seed: int, size: int = 8) -> torch.Tensor:
-    v = torch.randn(size, generator=torch.Generator().manual_seed(seed))
-    return v / v.norm()
-
-
-def _o_proj(model, layer: int):
-    return model.model.layers[layer].self_attn.o_proj
-
-
 @pytest.fixture(scope="module")
 def planted(model):
     """A copy with a truth path through both layers: head (0, 2) writes only along ``r`` (rank one, read through
@@ -60,11 +51,11 @@ def planted(model):
     w_u = planted.lm_head.weight.detach()
     true, false = (word_tokenizer()(w, add_special_tokens=False)["input_ids"][0] for w in ANSWERS)
     target = w_u[true] - w_u[false]
-    r, e = _unit(R, 32), _unit(E)
+    r, e = seeded_unit(R, 32), seeded_unit(E)
     with torch.no_grad():
-        _o_proj(planted, 0).weight[:, 16:24] = 0.5 * r[:, None] * _unit(U)[None, :]
+        llama_o_proj(planted, 0).weight[:, 16:24] = 0.5 * r[:, None] * seeded_unit(U)[None, :]
         planted.model.layers[1].self_attn.v_proj.weight[0:8] = e[:, None] * r[None, :]
-        _o_proj(planted, 1).weight[:, 0:16] = 0.05 * (target / target.norm())[:, None] * e.repeat(2)[None, :]
+        llama_o_proj(planted, 1).weight[:, 0:16] = 0.05 * (target / target.norm())[:, None] * e.repeat(2)[None, :]
     return planted
 
 
@@ -78,7 +69,7 @@ def _margin_alone(model, tokens: list[int], true: int, false: int, edit_at: int 
             out = out.clone()
             out[0, edit_at] += write
             return out
-        handle = _o_proj(model, layer).register_forward_hook(add)
+        handle = llama_o_proj(model, layer).register_forward_hook(add)
     try:
         with torch.no_grad():
             last = model(torch.tensor([tokens])).logits[0, -1].float()
@@ -132,8 +123,8 @@ def test_cached_margins_match_each_prompt_run_alone(model):
     alone = [_margin_alone(model, SHOTS + s + CUE, 7, 9) for s in STATEMENTS]
     assert judgement_margins(model, inputs, batch).tolist() == pytest.approx(alone, abs=1e-4)
     assert judgement_margins(model, inputs, batch).tolist() == pytest.approx(alone, abs=1e-4)  # cache not consumed
-    direction = 3.0 * _unit(1)
-    write = _o_proj(model, 0).weight.detach()[:, 16:24] @ direction  # the head's write of the shift
+    direction = 3.0 * seeded_unit(1)
+    write = llama_o_proj(model, 0).weight.detach()[:, 16:24] @ direction  # the head's write of the shift
     edited = [_margin_alone(model, SHOTS + s + CUE, 7, 9, len(SHOTS) + len(s) - 1, write) for s in STATEMENTS]
     got = judgement_margins(model, inputs, batch, steer({HEAD: direction}, 1.0, batch.edit))
     assert got.tolist() == pytest.approx(edited, abs=1e-4)
@@ -143,27 +134,27 @@ def test_cached_margins_match_each_prompt_run_alone(model):
 def test_sigma_is_the_std_at_the_statements_last_tokens(model):
     batch = judgement_batch(SHOTS, STATEMENTS, [True, False, True], CUE, token_true=7, token_false=9)
     seen = []
-    handle = _o_proj(model, 0).register_forward_pre_hook(lambda _m, args: seen.append(args[0][0, -1, 16:24]))
+    handle = llama_o_proj(model, 0).register_forward_pre_hook(lambda _m, args: seen.append(args[0][0, -1, 16:24]))
     try:
         with torch.no_grad():
             for s in STATEMENTS:
                 model(torch.tensor([SHOTS + s]))
     finally:
         handle.remove()
-    projections = torch.stack(seen) @ _unit(U)
-    got = edit_sigma(model, cached_inputs(model, batch), batch.edit, {HEAD: _unit(U)})[HEAD]
+    projections = torch.stack(seen) @ seeded_unit(U)
+    got = edit_sigma(model, cached_inputs(model, batch), batch.edit, {HEAD: seeded_unit(U)})[HEAD]
     assert got == pytest.approx(float(projections.std(unbiased=False)), rel=1e-4)
 
 
 def test_planted_truth_path_passes_r2_and_reverses(planted, tokenizer):
     batch, _ = judgement_prompts(tokenizer, 4, 6, seed=0, examples=EXAMPLES, answers=ANSWERS)
     inputs = cached_inputs(planted, batch)
-    sigma = edit_sigma(planted, inputs, batch.edit, {HEAD: _unit(U)})[HEAD]
-    result = steering_check(planted, inputs, r2_readout(batch), {HEAD: _unit(U) * sigma}, alpha=4.0, n_random=99,
+    sigma = edit_sigma(planted, inputs, batch.edit, {HEAD: seeded_unit(U)})[HEAD]
+    result = steering_check(planted, inputs, r2_readout(batch), {HEAD: seeded_unit(U) * sigma}, alpha=4.0, n_random=99,
                             seed=0, positions=batch.edit)
     assert result.passed and result.p_value == pytest.approx(0.01) and result.min_attainable_p == pytest.approx(0.01)
     assert result.shift_negative < 0 < result.shift and result.shift > 1e-3  # float noise is ~1e-6
-    write = _o_proj(planted, 0).weight.detach()[:, 16:24] @ (4.0 * sigma * _unit(U))
+    write = llama_o_proj(planted, 0).weight.detach()[:, 16:24] @ (4.0 * sigma * seeded_unit(U))
     first = batch.prefix_mask.sum(1)  # the edited token's position in each full prompt
     rows = [batch.prefix_ids[i][batch.prefix_mask[i].bool()].tolist() + batch.suffix_ids[i].tolist()
             for i in range(len(first))]
@@ -179,14 +170,14 @@ def test_random_directions_on_a_random_model_pass_at_most_at_the_nominal_rate(mo
     inputs = cached_inputs(model, batch)
     passes = 0
     for seed in range(20):
-        directions = {(0, 1): _unit(100 + 2 * seed), HEAD: _unit(101 + 2 * seed)}
+        directions = {(0, 1): seeded_unit(100 + 2 * seed), HEAD: seeded_unit(101 + 2 * seed)}
         passes += steering_check(model, inputs, r2_readout(batch), directions, alpha=4.0, n_random=19, seed=seed,
                                  positions=batch.edit).passed
     assert passes <= 4
 
 
 def _units() -> dict:
-    return {(layer, head): _unit(200 + 4 * layer + head) for layer in range(2) for head in range(4)}
+    return {(layer, head): seeded_unit(200 + 4 * layer + head) for layer in range(2) for head in range(4)}
 
 
 def test_stage_check_on_a_random_model_and_its_controls(model, tokenizer):
@@ -208,7 +199,7 @@ def test_stage_check_on_a_random_model_and_its_controls(model, tokenizer):
 def test_stage_check_on_the_planted_model_is_functional(planted, tokenizer):
     """Functional, with sigma and the shift recomputed from the prompts the check reports, each run alone: sigma
     the std of the head's projection at each statement's last token, the edit written there."""
-    out = truth_judgement(planted, tokenizer, [HEAD, (0, 1)], {**_units(), HEAD: _unit(U)}, 0, CONFIG, EXAMPLES,
+    out = truth_judgement(planted, tokenizer, [HEAD, (0, 1)], {**_units(), HEAD: seeded_unit(U)}, 0, CONFIG, EXAMPLES,
                           ANSWERS)
     assert out["verdict"] == FUNCTIONAL and out["heads"] == [list(HEAD)] and out["p_value"] == pytest.approx(1 / 40)
     assert out["shift_false"] > 0 and out["shift_true"] > 0 and out["shift_negative_false"] < 0
@@ -218,16 +209,16 @@ def test_stage_check_on_the_planted_model_is_functional(planted, tokenizer):
                for text in out["test_statements"]]
     edited = [len(tokenizer(out["prompt_shots"] + text)["input_ids"]) - 1 for text in out["test_statements"]]
     seen = []
-    handle = _o_proj(planted, 0).register_forward_pre_hook(lambda _m, args: seen.append(args[0][0, :, 16:24]))
+    handle = llama_o_proj(planted, 0).register_forward_pre_hook(lambda _m, args: seen.append(args[0][0, :, 16:24]))
     try:
         with torch.no_grad():
             for tokens in prompts:
                 planted(torch.tensor([tokens]))
     finally:
         handle.remove()
-    sigma = float((torch.stack([z[t] for z, t in zip(seen, edited)]) @ _unit(U)).std(unbiased=False))
+    sigma = float((torch.stack([z[t] for z, t in zip(seen, edited)]) @ seeded_unit(U)).std(unbiased=False))
     assert out["sigma"]["0.2"] == pytest.approx(sigma, rel=1e-4)
-    write = _o_proj(planted, 0).weight.detach()[:, 16:24] @ (CONFIG.main_alpha * sigma * _unit(U))
+    write = llama_o_proj(planted, 0).weight.detach()[:, 16:24] @ (CONFIG.main_alpha * sigma * seeded_unit(U))
     by_hand = [_margin_alone(planted, tokens, true, false, t, write) - _margin_alone(planted, tokens, true, false)
                for tokens, t in zip(prompts, edited)]
     assert out["shift"] == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-4)
@@ -295,7 +286,7 @@ def test_steer_truth_runs_both_readouts_and_the_checks_list_holds_both(planted, 
     from headlab.models import LoadedModel
     from roles.stages.real import steer_truth
 
-    units = {**_units(), HEAD: _unit(U)}
+    units = {**_units(), HEAD: seeded_unit(U)}
     table = np.stack([np.stack([units[(layer, head)].numpy()[None] for head in range(4)]) for layer in range(2)])
     save_file({"mass_mean_direction": table.astype(np.float32)}, str(tmp_path / "directions.safetensors"))
     detected = pd.DataFrame({"layer": [0, 0], "head": [1, 2], "val_accuracy": [0.8, 0.9]})

@@ -11,7 +11,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from tiny_models import tiny_model, word_tokenizer
+from tiny_models import llama_o_proj, seeded_unit, tiny_model, word_tokenizer
 
 from headlab.interventions import steer
 from probes.answer_steering import (
@@ -51,15 +51,6 @@ def batch():
     return candidate_batch(PROMPTS, [[TRUE, *FALSE]] * len(PROMPTS))
 
 
-def _unit(seed: int, size: int = 8) -> torch.Tensor:
-    v = torch.randn(size, generator=torch.Generator().manual_seed(seed))
-    return v / v.norm()
-
-
-def _o_proj(model, layer: int):
-    return model.model.layers[layer].self_attn.o_proj
-
-
 @pytest.fixture(scope="module")
 def planted(model):
     """A copy whose head (1, 2) writes only along ``target = W_U[5] - mean W_U[9, 11, 13]`` (rank one, read through
@@ -68,7 +59,7 @@ def planted(model):
     w_u = planted.lm_head.weight.detach()
     target = w_u[TRUE[0]] - w_u[[f[0] for f in FALSE]].mean(0)
     with torch.no_grad():
-        _o_proj(planted, 1).weight[:, 16:24] = 2 * target[:, None] / target.norm() * _unit(U)[None, :]
+        llama_o_proj(planted, 1).weight[:, 16:24] = 2 * target[:, None] / target.norm() * seeded_unit(U)[None, :]
     return planted
 
 
@@ -82,7 +73,7 @@ def _score_alone(model, prompt, answer, edit=None) -> float:
             out = out.clone()
             out[0, len(prompt) - 1:] += edit
             return out
-        handle = _o_proj(model, 1).register_forward_hook(add)
+        handle = llama_o_proj(model, 1).register_forward_hook(add)
     try:
         with torch.no_grad():
             logp = torch.log_softmax(model(ids).logits[0].float(), -1)
@@ -123,7 +114,7 @@ def test_answer_logprobs_match_each_sequence_scored_alone(model, batch):
 def _head_input(model, batch) -> torch.Tensor:
     """Head 2's slice of layer 1's output-projection input ``[rows, seq, d_head]``, captured by its own hook."""
     seen = []
-    handle = _o_proj(model, 1).register_forward_pre_hook(lambda _m, args: seen.append(args[0][..., 16:24].clone()))
+    handle = llama_o_proj(model, 1).register_forward_pre_hook(lambda _m, args: seen.append(args[0][..., 16:24].clone()))
     try:
         with torch.no_grad():
             model(**batch.inputs)
@@ -134,15 +125,15 @@ def _head_input(model, batch) -> torch.Tensor:
 
 def test_edit_sigma_is_the_std_of_the_projection_at_the_edited_positions(model, batch):
     seen = [_head_input(model, batch)]
-    projections = (seen[0][batch.edit] @ _unit(U)).numpy()
-    assert edit_sigma(model, batch.inputs, batch.edit, {HEAD: _unit(U)})[HEAD] == pytest.approx(
+    projections = (seen[0][batch.edit] @ seeded_unit(U)).numpy()
+    assert edit_sigma(model, batch.inputs, batch.edit, {HEAD: seeded_unit(U)})[HEAD] == pytest.approx(
         float(np.std(projections)), rel=1e-5)
 
 
 def test_edit_sigma_with_one_direction_per_row(model, batch):
     """Per-row directions: each row's projections on its own direction, pooled over the edited positions."""
     seen = [_head_input(model, batch)]
-    rows = torch.stack([_unit(400 + r) for r in range(batch.input_ids.shape[0])])  # [rows, d_head]
+    rows = torch.stack([seeded_unit(400 + r) for r in range(batch.input_ids.shape[0])])  # [rows, d_head]
     by_hand = [float(seen[0][r, t] @ rows[r]) for r in range(rows.shape[0]) for t in range(batch.edit.shape[1])
                if batch.edit[r, t]]
     got = edit_sigma(model, batch.inputs, batch.edit, {HEAD: rows})[HEAD]
@@ -151,19 +142,19 @@ def test_edit_sigma_with_one_direction_per_row(model, batch):
 
 def test_edit_kl_matches_kl_div_of_an_independent_edit(model, batch):
     inputs = batch.inputs
-    shift = 3.0 * _unit(1)
-    edit = _o_proj(model, 1).weight.detach()[:, 16:24] @ shift  # the head's write of the shift
+    shift = 3.0 * seeded_unit(1)
+    edit = llama_o_proj(model, 1).weight.detach()[:, 16:24] @ shift  # the head's write of the shift
     with torch.no_grad():
         clean = torch.log_softmax(model(**inputs).logits, -1)
-        handle = _o_proj(model, 1).register_forward_hook(lambda _m, _a, out: out + edit)
+        handle = llama_o_proj(model, 1).register_forward_hook(lambda _m, _a, out: out + edit)
         try:
             edited = torch.log_softmax(model(**inputs).logits, -1)
         finally:
             handle.remove()
     kl = torch.nn.functional.kl_div(edited, clean, log_target=True, reduction="none").sum(-1)  # KL(clean || edited)
     expected = float(kl[inputs["attention_mask"].bool()].mean())
-    assert edit_kl(model, inputs, steer({HEAD: _unit(1)}, 3.0)) == pytest.approx(expected, rel=1e-4)
-    assert edit_kl(model, inputs, steer({HEAD: _unit(1)}, 0.0)) == pytest.approx(0.0, abs=1e-7)
+    assert edit_kl(model, inputs, steer({HEAD: seeded_unit(1)}, 3.0)) == pytest.approx(expected, rel=1e-4)
+    assert edit_kl(model, inputs, steer({HEAD: seeded_unit(1)}, 0.0)) == pytest.approx(0.0, abs=1e-7)
 
 
 def test_steer_adds_per_row_directions_only_at_marked_positions():
@@ -178,21 +169,21 @@ def test_steer_adds_per_row_directions_only_at_marked_positions():
 
 
 def test_planted_truth_direction_passes_r1(planted, batch):
-    sigma = edit_sigma(planted, batch.inputs, batch.edit, {HEAD: _unit(U)})[HEAD]
-    result = steering_check(planted, batch.inputs, r1_readout(batch), {HEAD: _unit(U) * sigma}, alpha=2.0,
+    sigma = edit_sigma(planted, batch.inputs, batch.edit, {HEAD: seeded_unit(U)})[HEAD]
+    result = steering_check(planted, batch.inputs, r1_readout(batch), {HEAD: seeded_unit(U) * sigma}, alpha=2.0,
                             n_random=99, seed=0, positions=batch.edit)
     assert result.passed and result.p_value <= 0.05 and result.min_attainable_p == pytest.approx(0.01)
     assert result.shift > max(result.random_shifts)  # a random direction's projection on u is below 1
-    write = _o_proj(planted, 1).weight.detach()[:, 16:24] @ (2.0 * sigma * _unit(U))
+    write = llama_o_proj(planted, 1).weight.detach()[:, 16:24] @ (2.0 * sigma * seeded_unit(U))
     assert result.shift == pytest.approx(_margin_alone(planted, write) - _margin_alone(planted), abs=1e-3)
     assert result.shift > 0.1  # nats: a real effect, not a rounding error
 
 
 def test_negative_alpha_reverses_the_planted_effect(planted, batch):
-    sigma = edit_sigma(planted, batch.inputs, batch.edit, {HEAD: _unit(U)})[HEAD]
-    result = steering_check(planted, batch.inputs, r1_readout(batch), {HEAD: _unit(U) * sigma}, alpha=2.0,
+    sigma = edit_sigma(planted, batch.inputs, batch.edit, {HEAD: seeded_unit(U)})[HEAD]
+    result = steering_check(planted, batch.inputs, r1_readout(batch), {HEAD: seeded_unit(U) * sigma}, alpha=2.0,
                             n_random=19, seed=0, positions=batch.edit)
-    write = _o_proj(planted, 1).weight.detach()[:, 16:24] @ (-2.0 * sigma * _unit(U))
+    write = llama_o_proj(planted, 1).weight.detach()[:, 16:24] @ (-2.0 * sigma * seeded_unit(U))
     assert result.shift_negative < 0 < result.shift
     assert result.shift_negative == pytest.approx(_margin_alone(planted, write) - _margin_alone(planted), abs=1e-3)
 
@@ -203,7 +194,7 @@ def test_random_directions_on_a_random_model_pass_at_most_at_the_nominal_rate(mo
     heads = [(1, 0), (1, 2)]
     passes = 0
     for seed in range(20):
-        directions = {h: _unit(100 + 10 * seed + k) * 0.5 for k, h in enumerate(heads)}
+        directions = {h: seeded_unit(100 + 10 * seed + k) * 0.5 for k, h in enumerate(heads)}
         passes += steering_check(model, batch.inputs, r1_readout(batch), directions, alpha=5.0, n_random=19,
                                  seed=seed, positions=batch.edit).passed
     assert passes <= 4
@@ -211,7 +202,7 @@ def test_random_directions_on_a_random_model_pass_at_most_at_the_nominal_rate(mo
 
 def test_scores_read_the_unedited_and_edited_model(planted, batch):
     base = scores(planted, batch)
-    up = scores(planted, batch, steer({HEAD: _unit(U)}, 1.0, batch.edit))
+    up = scores(planted, batch, steer({HEAD: seeded_unit(U)}, 1.0, batch.edit))
     assert base["margin"] == pytest.approx(_margin_alone(planted), abs=1e-4)
     assert up["margin"] > base["margin"] and up["mc2"] > base["mc2"]
 
@@ -223,7 +214,7 @@ def test_answer_logit_directions_by_hand(model):
     first = torch.tensor([[5, 9, 11], [13, 5, 9]])
     got = answer_logit_directions(model, [HEAD], first, 3)[HEAD]
     w_u, gain = model.lm_head.weight.detach(), model.model.norm.weight.detach()
-    w_o = _o_proj(model, 1).weight.detach()[:, 16:24]  # [d_model, d_head]: the head's columns of o_proj
+    w_o = llama_o_proj(model, 1).weight.detach()[:, 16:24]  # [d_model, d_head]: the head's columns of o_proj
     for row, (t, *f) in enumerate(first.tolist()):
         expected = w_o.T @ (gain * (w_u[t] - w_u[f].mean(0)))
         for c in range(3):
@@ -240,7 +231,7 @@ def test_truth_verdict_rules():
 def test_stage_check_on_a_random_model_its_controls_and_dose_table(model):
     """Random "probe" directions on a random model: not functional; the direct-path positive control (the last
     layer's heads) passes the same statistic; the dose table holds every (K, +-alpha) with its KL on generic text."""
-    units = {(layer, head): _unit(200 + 4 * layer + head) for layer in range(2) for head in range(4)}
+    units = {(layer, head): seeded_unit(200 + 4 * layer + head) for layer in range(2) for head in range(4)}
     cfg = TruthSteeringConfig(ks=(1, 2), alphas=(2.0,), main_k=2, main_alpha=2.0, n_random=39, n_random_dose=19,
                               n_random_heads=4, n_prompts=3, n_false=2, n_texts=4)
     out = truth_steering(model, word_tokenizer(bos=True), [(1, 0), (1, 1)], units, 4, 0, cfg, PAIRS)
@@ -263,7 +254,7 @@ def test_no_detected_heads_is_not_detected(model):
 def test_a_tokenizer_that_cannot_tell_capitals_apart_gives_a_check_that_did_not_run(model):
     """The word tokenizer knows no capitalised country or capital: every answer is [UNK], so R1 has nothing to
     compare; the check says so instead of failing the stage map."""
-    out = truth_steering(model, word_tokenizer(bos=True), [(1, 0)], {(1, 0): _unit(3)}, 4, 0)
+    out = truth_steering(model, word_tokenizer(bos=True), [(1, 0)], {(1, 0): seeded_unit(3)}, 4, 0)
     assert out["verdict"] == UNUSED and out["p_value"] is None and "distinct first tokens" in out["note"]
 
 
@@ -278,7 +269,7 @@ def test_steer_truth_ranks_detected_heads_and_reads_the_probe_table(model, tmp_p
     from headlab.models import LoadedModel
     from roles.stages.real import steer_truth
 
-    table = np.stack([np.stack([_unit(300 + 4 * layer + head).numpy()[None] for head in range(4)])
+    table = np.stack([np.stack([seeded_unit(300 + 4 * layer + head).numpy()[None] for head in range(4)])
                       for layer in range(2)]).astype(np.float32)
     save_file({"mass_mean_direction": table}, str(tmp_path / "directions.safetensors"))
     detected = pd.DataFrame({"layer": [1, 0, 1], "head": [0, 3, 2], "val_accuracy": [0.8, 0.9, 0.85]})

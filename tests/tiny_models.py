@@ -67,3 +67,14 @@ def save_tiny_model(arch: str, path: Path, padding_side: str = "right", seed: in
     tiny_model(arch, seed).save_pretrained(path)
     word_tokenizer(padding_side, bos=arch in ("gpt2", "gpt_neox", "llama")).save_pretrained(path)
     return path
+
+
+def seeded_unit(seed: int, size: int = 8) -> torch.Tensor:
+    """A random unit vector ``[size]`` from its own seeded generator (planted directions of the steering tests)."""
+    v = torch.randn(size, generator=torch.Generator().manual_seed(seed))
+    return v / v.norm()
+
+
+def llama_o_proj(model, layer: int) -> torch.nn.Linear:
+    """A tiny Llama's attention output projection of ``layer`` (where the planted heads write)."""
+    return model.model.layers[layer].self_attn.o_proj
