@@ -29,6 +29,18 @@ def test_unknown_command_is_a_one_line_error(capsys):
         "error: unknown command 'probz'; choose one of: " + ", ".join(COMMANDS))
 
 
+@pytest.mark.parametrize(("value", "says"), [("nan", "is not one of Lightning's accelerators"),
+                                           ("tpu", "is not available on this machine")])
+def test_an_unknown_or_absent_toy_accelerator_is_a_one_line_error(tmp_path, capsys, value, says):
+    """Found by tests/test_hostile_values.py: `--train.accelerator nan` reached Lightning and ended as an unexpected
+    error (exit 1). An unknown name, or one this machine lacks (no torch_xla here), is refused before any output."""
+    out = tmp_path / "toy"
+    assert main(["toy", "--task", "induction", "--train.accelerator", value, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --train.accelerator") and value in err[0] and says in err[0]
+    assert not out.exists()
+
+
 def test_print_config_shows_resolved_values_with_overrides(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["cache", "--model", "m", "--dataset", "d.jsonl", "--batch_size", "7", "--print_config"])

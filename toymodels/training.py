@@ -13,6 +13,7 @@ from typing import Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.accelerators import AcceleratorRegistry
 from torch.utils.data import DataLoader, IterableDataset
 
 from data.tasks import Batch, Task, target_accuracy, target_loss
@@ -109,6 +110,22 @@ class TrainConfig:
         at_least("train.track_every", self.track_every, 1)
         at_least("train.eval_batch_size", self.eval_batch_size, 2)
         at_least("train.log_every", self.log_every, 1)
+        names = sorted({"auto", "gpu", *AcceleratorRegistry.available_accelerators()})
+        require(self.accelerator in names,
+                f"--train.accelerator {self.accelerator!r} is not one of Lightning's accelerators: pass one of "
+                f"{', '.join(names)}")
+        if self.accelerator not in ("auto", "cpu"):
+            require(_available(self.accelerator),
+                    f"--train.accelerator {self.accelerator} is not available on this machine: pass cpu or auto")
+
+
+def _available(accelerator: str) -> bool:
+    """Whether Lightning can use ``accelerator`` here (``gpu`` is its alias of ``cuda``); an accelerator whose
+    package is missing (``tpu`` without torch_xla) is not available."""
+    try:
+        return bool(AcceleratorRegistry.get("cuda" if accelerator == "gpu" else accelerator).is_available())
+    except (ImportError, RuntimeError):
+        return False
 
 
 class TaskStream(IterableDataset):
