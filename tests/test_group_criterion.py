@@ -67,23 +67,17 @@ def test_small_models_get_every_other_group_once_and_large_ones_uniform_draws():
     assert any((0, 0) in g for g in drawn)
 
 
-def test_too_few_random_groups_for_alpha_are_refused_at_configuration():
+@pytest.mark.parametrize(("option", "what"), [("random_groups", "group"), ("random_directions", "steering")])
+def test_too_few_draws_for_alpha_are_refused_at_configuration(option, what):
+    """Random groups (group criterion) and random direction sets (steering checks): below 1/alpha - 1 draws the
+    smallest p-value lies above alpha, so the check could never pass."""
     from headlab.errors import HeadlabError
     from roles.mapping import DetectConfig
 
-    with pytest.raises(HeadlabError, match=r"random_groups 2 .* pass --detection.random_groups 19"):
-        DetectConfig(random_groups=2)
-    assert DetectConfig(random_groups=19).random_groups == 19  # 1/20 <= 0.05
-    with pytest.raises(HeadlabError, match="random_groups 19"):
-        DetectConfig(random_groups=19, alpha=0.01)
-
-
-def test_too_few_steering_directions_for_alpha_are_refused_at_configuration():
-    from headlab.errors import HeadlabError
-    from roles.mapping import DetectConfig
-
-    with pytest.raises(HeadlabError, match=r"random_directions 18 .* pass --detection.random_directions 19"):
-        DetectConfig(random_directions=18)
-    assert DetectConfig(random_directions=19).random_directions == 19  # 1/20 <= 0.05
-    with pytest.raises(HeadlabError, match="random_directions 19"):
-        DetectConfig(random_directions=19, alpha=0.01)
+    with pytest.raises(HeadlabError, match=rf"{option} 18 gives {what} .* pass --detection.{option} 19"):
+        DetectConfig(**{option: 18})
+    with pytest.raises(HeadlabError, match=rf"{option} 2 .* pass --detection.{option} 19"):
+        DetectConfig(**{option: 2})
+    assert getattr(DetectConfig(**{option: 19}), option) == 19  # 1/20 <= 0.05
+    with pytest.raises(HeadlabError, match=f"{option} 19"):
+        DetectConfig(**{option: 19}, alpha=0.01)

@@ -49,6 +49,7 @@ from roles.stages.truth_steering import (
     TruthSteeringConfig,
     answer_logit_directions,
     last_heads,
+    random_direction_control,
     truth_verdict,
 )
 
@@ -139,15 +140,9 @@ def positive_control(model: nn.Module, inputs: CachedPrefix, batch: JudgementBat
 def negative_control(model: nn.Module, inputs: CachedPrefix, batch: JudgementBatch,
                      scaled: Mapping[Head, torch.Tensor], heads: list[Head], cfg: TruthSteeringConfig,
                      seed: int) -> dict:
-    """Random directions of the probe directions' norms in their place, at the full stop, through the main check's
-    statistic; it must not pass (it does with probability at most about ``significance / 2``)."""
-    generator = torch.Generator().manual_seed(seed + 199)
-    noise = {h: torch.randn(scaled[h].shape, generator=generator) for h in heads}
-    directions = {h: n / n.norm() * scaled[h].norm() for h, n in noise.items()}
-    result = steering_check(model, inputs, r2_readout(batch), directions, cfg.main_alpha, n_random=cfg.n_random,
-                            seed=seed + 12, significance=cfg.significance, positions=batch.edit)
-    return {"negative_control_passed": result.passed, "negative_control_p": result.p_value,
-            "negative_control_shift": result.shift}
+    """R2's negative control (:func:`roles.stages.truth_steering.random_direction_control` at the full stop)."""
+    return random_direction_control(model, inputs, r2_readout(batch), scaled, heads, batch.edit, cfg, seed + 199,
+                                    seed + 12)
 
 
 def r2_not_run(reason: str, cfg: TruthSteeringConfig) -> dict:

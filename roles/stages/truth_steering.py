@@ -206,18 +206,31 @@ def positive_control(model: nn.Module, batch: CandidateBatch, first: torch.Tenso
             "positive_control_heads": [list(h) for h in heads]}
 
 
-def negative_control(model: nn.Module, batch: CandidateBatch, scaled: Mapping[Head, torch.Tensor],
-                     heads: list[Head], cfg: TruthSteeringConfig, seed: int) -> dict:
-    """The negative control: random directions of the probe directions' norms in their place, through the main
-    check's statistic; it must not pass (it does with probability at most about ``significance / 2``)."""
-    generator = torch.Generator().manual_seed(seed + 99)
+def random_like(scaled: Mapping[Head, torch.Tensor], heads: list[Head], seed: int) -> dict[Head, torch.Tensor]:
+    """Seeded random directions for ``heads`` with the norms of ``scaled[h]``."""
+    generator = torch.Generator().manual_seed(seed)
     noise = {h: torch.randn(scaled[h].shape, generator=generator) for h in heads}
-    directions = {h: n / n.norm() * scaled[h].norm() for h, n in noise.items()}
-    result = steering_check(model, batch.inputs, r1_readout(batch), directions, cfg.main_alpha,
-                            n_random=cfg.n_random, seed=seed + 2, significance=cfg.significance,
-                            positions=batch.edit)
+    return {h: n / n.norm() * scaled[h].norm() for h, n in noise.items()}
+
+
+def random_direction_control(model: nn.Module, inputs, readout, scaled: Mapping[Head, torch.Tensor],
+                             heads: list[Head], positions: torch.Tensor, cfg: TruthSteeringConfig, noise_seed: int,
+                             check_seed: int) -> dict:
+    """A negative control of either readout: random directions of the probe directions' norms in their place
+    (:func:`random_like`), at the same ``positions``, through the main check's statistic; it must not pass (it does
+    with probability at most about ``significance / 2``)."""
+    result = steering_check(model, inputs, readout, random_like(scaled, heads, noise_seed), cfg.main_alpha,
+                            n_random=cfg.n_random, seed=check_seed, significance=cfg.significance,
+                            positions=positions)
     return {"negative_control_passed": result.passed, "negative_control_p": result.p_value,
             "negative_control_shift": result.shift}
+
+
+def negative_control(model: nn.Module, batch: CandidateBatch, scaled: Mapping[Head, torch.Tensor],
+                     heads: list[Head], cfg: TruthSteeringConfig, seed: int) -> dict:
+    """R1's negative control (:func:`random_direction_control` at the edited answer positions)."""
+    return random_direction_control(model, batch.inputs, r1_readout(batch), scaled, heads, batch.edit, cfg,
+                                    seed + 99, seed + 2)
 
 
 def not_run(reason: str, cfg: TruthSteeringConfig) -> dict:
@@ -269,10 +282,7 @@ def truth_steering(model: nn.Module, tokenizer, ranked: list[Head], units: Mappi
     heads = ranked[:main_k]
     edit = steer({h: scaled[h] for h in heads}, cfg.main_alpha, batch.edit)
     base, steered = scores(model, batch), scores(model, batch, edit)
-    generator = torch.Generator().manual_seed(seed + 3)
-    noise = {h: torch.randn(scaled[h].shape, generator=generator) for h in heads}
-    random_kl = edit_kl(model, generic, steer({h: n / n.norm() * scaled[h].norm() for h, n in noise.items()},
-                                              cfg.main_alpha))
+    random_kl = edit_kl(model, generic, steer(random_like(scaled, heads, seed + 3), cfg.main_alpha))
     return {**main, "readout": "R1", "verdict": truth_verdict(True, main), "decided_by": "steering:R1",
             "readout_formula": "sum_j log p(true answer token j) - mean_i sum_j log p(false answer i token j), edited "
                                "at the last prompt token and the answer tokens",
