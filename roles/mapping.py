@@ -177,11 +177,14 @@ class HeadMap:
 def map_heads(model: nn.Module, batches: Batches, role: str, cfg: DetectConfig, seed: int,
               evidence: dict[str, Evidence] | None = None, null: dict[str, NullStats] | None = None,
               emerged: dict[tuple[str, int, int], int] | None = None, ablate: bool = True,
-              names: list[str] | None = None, all_kinds: bool = False) -> HeadMap:
+              names: list[str] | None = None, all_kinds: bool = False,
+              partners: torch.Tensor | None = None) -> HeadMap:
     """Evidence, verdicts and the causal check of every head of ``model``; ``role`` is the task's target.
 
     Without ``ablate``, detection only (an encoder has no next-token loss). ``all_kinds`` also measures the other
-    two ablation kinds exactly (toy runs write them to ``ablations.csv``).
+    two ablation kinds exactly (toy runs write them to ``ablations.csv``). ``partners`` ``[layer, head]``: heads of
+    the target's circuit found outside the detectors, left out of the functional check's random reference
+    (:meth:`roles.table.RoleTable.build`).
     """
     model.eval()
     clock = time.perf_counter()
@@ -211,7 +214,8 @@ def map_heads(model: nn.Module, batches: Batches, role: str, cfg: DetectConfig, 
             clock = time.perf_counter()
             group = group_check(model, batches, group_members(role, verdicts[role].detected), cfg, seed)
             log.info("group check of %s (%.1f s)", role, time.perf_counter() - clock)
-    table = RoleTable.build(verdicts, ablations.get(cfg.ablation), null, emerged, cfg.effect_sigma, cfg.min_effect)
+    table = RoleTable.build(verdicts, ablations.get(cfg.ablation), null, emerged, cfg.effect_sigma, cfg.min_effect,
+                            partners)
     return HeadMap(table, evidence, null or {}, ablations, group)
 
 

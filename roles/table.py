@@ -73,8 +73,12 @@ class RoleTable:
         emerged: Mapping[tuple[str, int, int], int] | None = None,
         effect_sigma: float = 3.0,
         min_effect: float = 0.01,
+        partners: torch.Tensor | None = None,
     ) -> RoleTable:
-        """The table of every role in ``verdicts``; without ``ablation``, detection only."""
+        """The table of every role in ``verdicts``; without ``ablation``, detection only. ``partners`` ``[layer,
+        head]`` marks heads with a function no detector scores (a target circuit's other half, e.g. the iteration
+        head's layer-0 EoI head, :mod:`toymodels.circuits`): like detected heads, they are left out of the random
+        reference a functional head must beat."""
         emerged, null = emerged or {}, null or {}
         functional: dict[str, torch.Tensor] = {}
         reference = float("nan")
@@ -82,6 +86,8 @@ class RoleTable:
             detected_any = torch.zeros_like(ablation.effect, dtype=torch.bool)
             for verdict in verdicts.values():
                 detected_any |= verdict.detected
+            if partners is not None:
+                detected_any |= partners
             exact = ablation.exact if ablation.exact is not None else torch.ones_like(detected_any)
             # the reference: heads drawn at random (not those the screen picked for large estimates), or every
             # exactly measured head when none was selected

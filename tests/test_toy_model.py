@@ -13,6 +13,7 @@ from data.tasks import sequence_loss, target_loss
 from headlab.heads import head_sites, hook_heads
 from headlab.interventions import zero_ablation
 from roles.ablation import (
+    AblationResult,
     ablation_effects,
     group_effect,
     is_functional,
@@ -212,3 +213,50 @@ def test_mean_and_resample_ablation_match_a_hand_written_forward(kind):
                 assert float(result.effect[layer, head]) == pytest.approx(float(diff.mean()), abs=1e-5)
                 assert float(result.stderr[layer, head]) == pytest.approx(float(diff.std() / 5**0.5), abs=1e-5)
     assert result.effect.abs().max() > 1e-3  # the ablations do something
+
+
+def test_the_iteration_heads_layer0_partner_is_not_its_random_reference():
+    # a 2 x 1 model with Cabannes et al.'s circuit, as hand-built patterns on a real iteration batch: layer 0 attends
+    # from the CoT positions to EoI, layer 1 reads x_t. Ablating the partner costs 2.9 nats, the iteration head 1.5.
+    from data.tasks import make_task
+    from roles.registry import DETECTORS, PATTERN_DETECTORS, applicable
+    from roles.rule import apply_rule
+    from roles.table import RoleTable
+    from toymodels.circuits import circuit_of, iteration_scores
+
+    task = make_task("iteration", min_bits=2, max_bits=6, rule="polynomial", modulus=5, bos=True)
+    batch = task.batch(32, seed=0)
+    ids, seq = batch["input_ids"], batch["input_ids"].shape[1]
+    eoi = (ids == task.sep).int().argmax(1)
+    n = batch["iteration_mask"].sum((1, 2))
+    pos = torch.arange(seq)
+    cot = (pos[None, :] > eoi[:, None]) & (pos[None, :] <= (eoi + n)[:, None])  # [B, T]: s_1 .. s_n
+    to_eoi = cot[:, :, None] & (pos[None, None, :] == eoi[:, None, None])  # [B, T, T]
+    earlier = torch.ones(seq, seq).tril()
+    base = (earlier / earlier.sum(-1, keepdim=True)).expand(32, seq, seq)
+    layer0 = torch.where(cot[:, :, None], to_eoi.float(), base)
+    layer1 = torch.where(batch["iteration_mask"].any(-1, keepdim=True), batch["iteration_mask"].float(), base)
+    patterns = torch.stack([layer0, layer1], 1)[:, :, None]  # [B, L=2, H=1, T, T]
+    circuit = circuit_of(*iteration_scores(patterns, eoi, n), floor=0.3)
+    assert circuit.passed and circuit.layer0_eoi_attention == pytest.approx(1.0)
+    assert circuit.partners(2, 1).tolist() == [[True], [False]]
+    batch["attentions"] = patterns
+    names = [name for name in applicable(batch) if name in PATTERN_DETECTORS]  # every attention detector
+    verdicts = apply_rule({name: DETECTORS[name](None, batch) for name in names}, d_head=16)
+    assert verdicts["iteration"].detected.tolist() == [[False], [True]]
+    assert not any(bool(v.detected[0, 0]) for v in verdicts.values())  # no detector names the EoI head
+    ablation = AblationResult(torch.tensor([[2.9], [1.5]]), torch.full((2, 1), 0.05), 1.0)
+
+    def functional(partners):
+        rows = RoleTable.build(verdicts, ablation, partners=partners).frame.set_index(["role", "layer", "head"])
+        row = rows.loc[("iteration", 1, 0)]
+        return bool(row["functional"]), float(row["effect_reference"])
+
+    # the partner left out: no head without a function remains, reference 0, and 1.5 > 3 * 0.05
+    assert functional(circuit.partners(2, 1)) == (True, 0.0)
+    # as "random", the partner would set the bar at 2.9 and fail the head that reads x_t
+    assert functional(None) == (False, pytest.approx(2.9))
+    # a layer 0 that misses EoI (uniform attention) is no partner, and stays the reference
+    missed = circuit_of(*iteration_scores(torch.stack([base, layer1], 1)[:, :, None], eoi, n), floor=0.3)
+    assert not missed.passed and missed.partners(2, 1).tolist() == [[False], [False]]
+    assert functional(missed.partners(2, 1)) == (False, pytest.approx(2.9))

@@ -43,6 +43,15 @@ class IterationCircuit:
     def passed(self) -> bool:
         return self.layer0_eoi_attention >= self.floor and self.layer1_diagonal >= self.floor
 
+    def partners(self, n_layers: int, n_heads: int) -> torch.Tensor:
+        """Bool ``[layer, head]``: the layer-0 EoI head when its half of the circuit passes (its attention to EoI
+        reaches the floor). It has a function, so the iteration head's functional check must not use it as a
+        "random" reference head (:meth:`roles.table.RoleTable.build`): in Cabannes et al.'s 2 x 1 model it is the
+        only other head, and ablating it costs more than ablating the iteration head it feeds."""
+        mask = torch.zeros(n_layers, n_heads, dtype=torch.bool)
+        mask[0, self.layer0_head] = self.layer0_eoi_attention >= self.floor
+        return mask
+
     def as_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
 

@@ -94,6 +94,11 @@ class NameMoverCircuit:
         return {**asdict(self), "logit_diff_drop": self.drop, "random_median_drop": self.random_median,
                 "p_value": self.p_value, "passed": self.passed}
 
+    def partners(self, n_layers: int, n_heads: int) -> None:
+        """No partner heads are left out of the functional reference: the S-inhibition candidates are reported, not
+        judged (see the module docstring), so the name-mover verdict keeps the plain reference."""
+        return None
+
     def line(self) -> str:
         best = "none" if self.best_head is None else f"L{self.best_head[0]}H{self.best_head[1]}"
         drop = "no ablation"

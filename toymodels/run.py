@@ -178,21 +178,23 @@ def finish_seed(run: SeedRun, the_task: Task, train_log: list[tuple[int, float]]
     batches = Batches(the_task.detection_batch(detection.batch_size, seed + 1),
                       the_task.batch(detection.eval_size(toy=True), seed + 2, the_task.eval_split),
                       the_task.batch(detection.eval_size(toy=True), seed + 3, the_task.eval_split))
+    d_head = config.model.hf_config(the_task.vocab_size, the_task.seq_len).head_dim
+    circuit = None
+    if the_task.name in CIRCUITS:  # the target also needs a circuit (iteration: EoI + diagonal; ioi: selective movers)
+        circuit = CIRCUITS[the_task.name](net, the_task, batches.detect, floor_of(the_task.role, d_head,
+                                                                                  detection.floors))
+    partners = circuit.partners(config.model.n_layers, config.model.n_heads) if circuit is not None else None
     head_map = map_heads(net, batches, the_task.role, detection, seed, null=null, emerged=emerged_steps(history),
-                         all_kinds=True)
+                         all_kinds=True, partners=partners)
     steps, losses = [s.step for s in history], [s.eval_loss for s in history]
     phase = phase_change_step(steps, losses)
     target = TargetSummary.of(head_map, the_task.role, detection.min_effect)
-    d_head = config.model.hf_config(the_task.vocab_size, the_task.seq_len).head_dim
     if target.emerged_step is not None:
         target.emerged_seconds = next(s.seconds for s in history if s.step == target.emerged_step)
     mechanism = {}
     if the_task.name in MECHANISMS:  # a whole-model mechanism (modular addition's Fourier features) is the target
         target, mechanism["mechanism"] = MECHANISMS[the_task.name](net, the_task)
-    circuit = None
-    if the_task.name in CIRCUITS:  # the target also needs a circuit (iteration: EoI + diagonal; ioi: selective movers)
-        floor = floor_of(the_task.role, d_head, detection.floors)
-        circuit = CIRCUITS[the_task.name](net, the_task, batches.detect, floor)
+    if circuit is not None:
         mechanism["circuit"] = {**circuit.as_dict(), "head_formed": target.formed}
         target.formed = target.formed and circuit.passed
 
