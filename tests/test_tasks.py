@@ -328,3 +328,24 @@ def test_iteration_start_token_without_prefix_puts_x1_at_position_1():
     assert (ids[:, 0] == 7).all() and ((ids[:, 1] >= 1) & (ids[:, 1] <= 4)).all()
     with pytest.raises(HeadlabError, match="fill_vocab"):
         make_task("iteration", fill_vocab=0)
+
+
+def test_iteration_copy_first_makes_s1_the_first_input_as_cabannes_et_al():
+    # reference by hand: s_1 = x_1, then s_t = s_{t-1} * x_t + 1 mod 5 (their y_1 = x_1); without it s_1 is always 1
+    task = make_task("iteration", min_bits=1, max_bits=6, rule="polynomial", modulus=5, bos=True, copy_first=True)
+    plain = make_task("iteration", min_bits=1, max_bits=6, rule="polynomial", modulus=5, bos=True)
+    batch, plain_batch = task.batch(256, seed=2), plain.batch(256, seed=2)
+    assert torch.equal(batch["iteration_mask"], plain_batch["iteration_mask"])  # same layout, only s_t differ
+    firsts = set()
+    for ids, targets in zip(batch["input_ids"].tolist(), batch["targets"].tolist()):
+        e = ids.index(5)  # EoI
+        xs = ids[1:e]
+        states = [xs[0]]
+        for x in xs[1:]:
+            states.append((states[-1] * x + 1) % 5)
+        assert ids[e + 1:e + 1 + len(xs)] == states and targets[e] == xs[0]
+        firsts.add(states[0])
+    assert firsts == {1, 2, 3, 4}  # the EoI query's target now varies with x_1
+    assert {ids[ids.index(5) + 1] for ids in plain_batch["input_ids"].tolist()} == {1}  # ... where it was always 1
+    with pytest.raises((ValueError, HeadlabError), match="copy_first"):
+        make_task("iteration", rule="parity", copy_first=True)

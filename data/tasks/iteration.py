@@ -27,6 +27,10 @@ attention. The key is still ``query - n``.
 from a count of the ones seen so far (``s_t = sum x mod 2``, order-free), a shortcut an MLP learns for short
 inputs; the polynomial map does not commute, so the step ``s_{t-1} -> s_t`` needs ``x_t`` itself, and Cabannes et
 al. find its iteration head the fastest and sharpest to form ("bits" below are then the inputs ``x_t``).
+``copy_first`` (polynomial only) makes the first step theirs, ``s_1 = x_1`` (``facebookresearch/pal``,
+``src/cot/data``: ``y_1 = x_1``): without it ``s_1 = 0 * x_1 + 1 = 1`` for every input, so the EoI query, which
+predicts ``s_1``, never needs ``x_1``, while the iteration circuit's diagonal counts that query's attention to
+``x_1`` (a share ``1/n`` of each sequence's diagonal, ~0.26 of the score over lengths 1..12).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class IterationTask(Task):
     prefix_max: int = 0
     fill_vocab: int = 1
     bos: bool = False
+    copy_first: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_bits <= self.max_bits:
@@ -63,6 +68,8 @@ class IterationTask(Task):
             raise ValueError(f"modulus must be at least 3, got {self.modulus}")
         if self.prefix_max < 0:
             raise ValueError(f"prefix_max must be at least 0, got {self.prefix_max}")
+        if self.copy_first and self.rule != "polynomial":
+            raise ValueError("copy_first is an option of rule=polynomial (parity's s_1 is x_1 already)")
         if self.fill_vocab < 1:
             raise ValueError(f"fill_vocab must be at least 1, got {self.fill_vocab}")
 
@@ -115,7 +122,7 @@ class IterationTask(Task):
             states = torch.zeros_like(bits)
             s = torch.zeros(b, dtype=torch.long)
             for k in range(t):  # s_{k+1} = s_k * x_{k+1} + 1 (values past n are never read)
-                s = (s * bits[:, k] + 1) % self.modulus
+                s = bits[:, k] if k == 0 and self.copy_first else (s * bits[:, k] + 1) % self.modulus
                 states[:, k] = s
         inputs = bits.gather(1, rel.clamp(min=0))  # x_{rel+1} at position m + rel
         cot = states.gather(1, (rel - n - 1).clamp(min=0))  # position m + n + t holds s_t
