@@ -94,20 +94,27 @@ def detect(
     config = {"model": model, "task": task, "task_options": to_plain(task_options or {}), "out": str(out),
               "detection": detection, "length": length, "revision": revision, "seed": seed,
               "device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+    circuit = None
     if toy:
         batches = Batches(the_task.detection_batch(detection.batch_size, seed + 1),
                           the_task.batch(detection.eval_size(toy=True), seed + 2, the_task.eval_split),
                           the_task.batch(detection.eval_size(toy=True), seed + 3, the_task.eval_split))
-        head_map, notes, role = map_heads(loaded.model, batches, the_task.role, detection, seed), [], the_task.role
+        circuit = _circuit(loaded.model, the_task, batches, detection)
+        partners = circuit.partners(*_shape(loaded.model)) if circuit is not None else None
+        head_map = map_heads(loaded.model, batches, the_task.role, detection, seed, partners=partners)
+        notes, role = [circuit.line()] if circuit is not None else [], the_task.role
     else:
         real = map_real_model(loaded, task, detection, length, seed)
         head_map, notes, role = real.head_map, real.notes, REAL_TASKS[task]
     target = TargetSummary.of(head_map, role, detection.min_effect)
+    if circuit is not None:  # as a toy run judges it: the target also needs its circuit
+        target.formed = target.formed and circuit.passed
     ablation = head_map.ablations.get(detection.ablation)
     clean = ablation.clean_loss if ablation else None
     metrics = {"model": model, "task": task, "kind": loaded.kind, "target": target.as_dict(), "clean_loss": clean,
                "detected": _counts(head_map.table, "detected"), "functional": _counts(head_map.table, "functional"),
-               "notes": notes, "seconds": time.perf_counter() - started}
+               "notes": notes, "seconds": time.perf_counter() - started,
+               **({"circuit": circuit.as_dict()} if circuit is not None else {})}
     with run_directory(out, "detect"):
         save_config(out, config)
         write_map(out, head_map, f"{Path(str(model)).name} on {task}")
@@ -118,6 +125,18 @@ def detect(
     for line in lines:
         print(line, flush=True)
     return out
+
+
+def _circuit(model: nn.Module, task: Task, batches: Batches, detection: DetectConfig):
+    """The circuit a toy ``model``'s task target also needs (None without one), at the target role's floor."""
+    from roles.rule import floor_of
+    from toymodels.circuits import task_circuit
+
+    return task_circuit(model, task, batches.detect, floor_of(task.role, model.config.head_dim, detection.floors))
+
+
+def _shape(model: nn.Module) -> tuple[int, int]:
+    return model.config.num_hidden_layers, model.config.num_attention_heads
 
 
 def _counts(table: RoleTable, column: str) -> dict[str, int]:

@@ -155,3 +155,30 @@ def test_modular_addition_target_is_the_fourier_mechanism(tmp_path):
     assert target["formed"] == (target["detected"] and target["functional"]) == mechanism["formed"]
     assert metrics["target_formed_fraction"] == float(target["formed"])
     assert (out / "roles.csv").exists()  # the head map is still written
+
+
+def test_detect_on_a_saved_iteration_model_judges_it_as_the_toy_run_did(tmp_path, monkeypatch):
+    # the iteration target's verdict has two more parts, the circuit and its partner heads (left out of the random
+    # reference): detect must apply both, so a saved model gets the toy run's verdict, circuit and reference. 30 steps
+    # grow no EoI head, so the partner is forced (layer 0's head): the reference is then layer 1's head alone, where
+    # without the partner it would average both
+    from toymodels.circuits import IterationCircuit
+
+    def layer0(self, n_layers, n_heads):
+        mask = torch.zeros(n_layers, n_heads, dtype=torch.bool)
+        mask[0] = True
+        return mask
+
+    monkeypatch.setattr(IterationCircuit, "partners", layer0)
+    options = {"min_bits": 1, "max_bits": 4, "rule": "polynomial", "modulus": 5, "bos": True, "copy_first": True}
+    run = toy(task="iteration", task_options=options, out=tmp_path / "toy", model=ToyConfig(n_layers=2, n_heads=1,
+              d_model=16, attn_only=False), train=TrainConfig(steps=30, batch_size=16, track_every=10,
+              eval_batch_size=16, log_every=10), detection=FAST_DETECT, logger="none", seed=0)
+    out = detect(model=str(run / "model"), task="iteration", task_options=options, out=tmp_path / "d",
+                 detection=FAST_DETECT, seed=0)
+    trained, detected = (json.loads((d / "metrics.json").read_text()) for d in (run, out))
+    assert detected["circuit"] == pytest.approx({k: v for k, v in trained["circuit"].items() if k != "head_formed"})
+    for key in ("formed", "functional", "effect_reference", "ablation_effect", "layer", "head"):
+        assert detected["target"][key] == pytest.approx(trained["target"][key]), key
+    effects = pd.read_csv(out / "roles.csv").drop_duplicates(["layer", "head"]).set_index("layer")["ablation_effect"]
+    assert detected["target"]["effect_reference"] == pytest.approx(float(effects[1]))  # layer 0 left out

@@ -25,7 +25,7 @@ from torch import nn
 
 from data.tasks import Batch, Task
 from roles.patterns import attention_patterns
-from toymodels.ioi_circuit import name_mover_circuit
+from toymodels.ioi_circuit import NameMoverCircuit, name_mover_circuit
 
 
 @dataclass
@@ -109,3 +109,10 @@ def circuit_of(eoi_attention: torch.Tensor, diagonal: torch.Tensor, floor: float
 CIRCUITS = {"iteration": iteration_circuit, "ioi": name_mover_circuit}
 """Task name -> the circuit its target also needs (``toy`` reports it in ``metrics.json`` under ``circuit``): the
 iteration circuit above, and IOI's selective name movers (:mod:`toymodels.ioi_circuit`)."""
+
+
+def task_circuit(model: nn.Module, task: Task, batch: Batch,
+                 floor: float) -> IterationCircuit | NameMoverCircuit | None:
+    """The circuit ``task``'s target also needs, measured on ``batch`` (None for a task without one); its
+    ``partners(n_layers, n_heads)`` are the heads the functional check leaves out of its random reference."""
+    return CIRCUITS[task.name](model, task, batch, floor) if task.name in CIRCUITS else None

@@ -29,7 +29,7 @@ from roles.mapping import Batches, DetectConfig, TargetSummary, map_heads, write
 from roles.null import NullStats, null_distribution
 from roles.rule import floor_of
 from roles.table import RoleTable
-from toymodels.circuits import CIRCUITS, IterationCircuit
+from toymodels.circuits import IterationCircuit, task_circuit
 from toymodels.emergence import EmergenceTracker, emerged_steps, log_linear_schedule, phase_change_step
 from toymodels.ioi_circuit import NameMoverCircuit
 from toymodels.mechanisms import MECHANISMS, MechanismTarget
@@ -179,10 +179,9 @@ def finish_seed(run: SeedRun, the_task: Task, train_log: list[tuple[int, float]]
                       the_task.batch(detection.eval_size(toy=True), seed + 2, the_task.eval_split),
                       the_task.batch(detection.eval_size(toy=True), seed + 3, the_task.eval_split))
     d_head = config.model.hf_config(the_task.vocab_size, the_task.seq_len).head_dim
-    circuit = None
-    if the_task.name in CIRCUITS:  # the target also needs a circuit (iteration: EoI + diagonal; ioi: selective movers)
-        circuit = CIRCUITS[the_task.name](net, the_task, batches.detect, floor_of(the_task.role, d_head,
-                                                                                  detection.floors))
+    # the circuit the target also needs (iteration: EoI + diagonal; ioi: selective movers), measured first: its
+    # partner heads are no random reference for the functional check
+    circuit = task_circuit(net, the_task, batches.detect, floor_of(the_task.role, d_head, detection.floors))
     partners = circuit.partners(config.model.n_layers, config.model.n_heads) if circuit is not None else None
     head_map = map_heads(net, batches, the_task.role, detection, seed, null=null, emerged=emerged_steps(history),
                          all_kinds=True, partners=partners)
