@@ -23,6 +23,7 @@ from headlab.runs import atomic_write_json, run_directory, save_config, to_plain
 from roles.mapping import Batches, DetectConfig, TargetSummary, map_heads, write_map
 from roles.real import REAL_TASKS, map_real_model
 from roles.table import RoleTable
+from toymodels.circuits import task_circuit
 
 
 def _task_for(model: nn.Module, task: str, task_options: dict[str, Any] | None) -> Task:
@@ -99,8 +100,9 @@ def detect(
         batches = Batches(the_task.detection_batch(detection.batch_size, seed + 1),
                           the_task.batch(detection.eval_size(toy=True), seed + 2, the_task.eval_split),
                           the_task.batch(detection.eval_size(toy=True), seed + 3, the_task.eval_split))
-        circuit = _circuit(loaded.model, the_task, batches, detection)
-        partners = circuit.partners(*_shape(loaded.model)) if circuit is not None else None
+        circuit = task_circuit(loaded.model, the_task, batches.detect, detection.floors)
+        shape = loaded.model.config.num_hidden_layers, loaded.model.config.num_attention_heads
+        partners = circuit.partners(*shape) if circuit is not None else None
         head_map = map_heads(loaded.model, batches, the_task.role, detection, seed, partners=partners)
         notes, role = [circuit.line()] if circuit is not None else [], the_task.role
     else:
@@ -125,18 +127,6 @@ def detect(
     for line in lines:
         print(line, flush=True)
     return out
-
-
-def _circuit(model: nn.Module, task: Task, batches: Batches, detection: DetectConfig):
-    """The circuit a toy ``model``'s task target also needs (None without one), at the target role's floor."""
-    from roles.rule import floor_of
-    from toymodels.circuits import task_circuit
-
-    return task_circuit(model, task, batches.detect, floor_of(task.role, model.config.head_dim, detection.floors))
-
-
-def _shape(model: nn.Module) -> tuple[int, int]:
-    return model.config.num_hidden_layers, model.config.num_attention_heads
 
 
 def _counts(table: RoleTable, column: str) -> dict[str, int]:

@@ -18,6 +18,7 @@ with fixed-start inputs) attends to ``x_t`` without looking at EoI, and fails th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 
 from data.tasks import Batch, Task
 from roles.patterns import attention_patterns
+from roles.rule import floor_of
 from toymodels.ioi_circuit import NameMoverCircuit, name_mover_circuit
 
 
@@ -112,7 +114,10 @@ iteration circuit above, and IOI's selective name movers (:mod:`toymodels.ioi_ci
 
 
 def task_circuit(model: nn.Module, task: Task, batch: Batch,
-                 floor: float) -> IterationCircuit | NameMoverCircuit | None:
-    """The circuit ``task``'s target also needs, measured on ``batch`` (None for a task without one); its
-    ``partners(n_layers, n_heads)`` are the heads the functional check leaves out of its random reference."""
-    return CIRCUITS[task.name](model, task, batch, floor) if task.name in CIRCUITS else None
+                 floors: Mapping[str, float] | None = None) -> IterationCircuit | NameMoverCircuit | None:
+    """The circuit ``task``'s target also needs, measured on toy ``model`` over ``batch`` at the target role's floor
+    (``floors``: the run's overrides), or None for a task without one; its ``partners(n_layers, n_heads)`` are the
+    heads the functional check leaves out of its random reference."""
+    if task.name not in CIRCUITS:
+        return None
+    return CIRCUITS[task.name](model, task, batch, floor_of(task.role, model.config.head_dim, floors))

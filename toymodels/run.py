@@ -178,10 +178,9 @@ def finish_seed(run: SeedRun, the_task: Task, train_log: list[tuple[int, float]]
     batches = Batches(the_task.detection_batch(detection.batch_size, seed + 1),
                       the_task.batch(detection.eval_size(toy=True), seed + 2, the_task.eval_split),
                       the_task.batch(detection.eval_size(toy=True), seed + 3, the_task.eval_split))
-    d_head = config.model.hf_config(the_task.vocab_size, the_task.seq_len).head_dim
     # the circuit the target also needs (iteration: EoI + diagonal; ioi: selective movers), measured first: its
     # partner heads are no random reference for the functional check
-    circuit = task_circuit(net, the_task, batches.detect, floor_of(the_task.role, d_head, detection.floors))
+    circuit = task_circuit(net, the_task, batches.detect, detection.floors)
     partners = circuit.partners(config.model.n_layers, config.model.n_heads) if circuit is not None else None
     head_map = map_heads(net, batches, the_task.role, detection, seed, null=null, emerged=emerged_steps(history),
                          all_kinds=True, partners=partners)
@@ -200,7 +199,7 @@ def finish_seed(run: SeedRun, the_task: Task, train_log: list[tuple[int, float]]
     publish_folder(run.out / "model", net.save_pretrained)  # complete or absent, never half-written
     write_map(run.out, head_map, f"{the_task.name}: functional heads")
     _write_curves(run)
-    floors = {role: floor_of(role, d_head, detection.floors) for role in history[-1].scores}
+    floors = {role: floor_of(role, net.config.head_dim, detection.floors) for role in history[-1].scores}
     plot_scores_over_steps(history, floors, run.out / "scores_over_steps.png")
     plot_loss(history, phase, run.out / "loss.png", pd.DataFrame(train_log, columns=["step", "loss"]))
     metrics = {
