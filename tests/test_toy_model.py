@@ -260,3 +260,31 @@ def test_the_iteration_heads_layer0_partner_is_not_its_random_reference():
     missed = circuit_of(*iteration_scores(torch.stack([base, layer1], 1)[:, :, None], eoi, n), floor=0.3)
     assert not missed.passed and missed.partners(2, 1).tolist() == [[False], [False]]
     assert functional(missed.partners(2, 1)) == (False, pytest.approx(2.9))
+
+
+def test_random_iteration_models_have_no_functional_iteration_head_with_the_partner_rule():
+    # no signal: 30 untrained 2 x 1 models of the iteration config's shape (training init, unit and twice-unit
+    # attention logits). None of their layer-0 heads reaches the floor on EoI, so the rule leaves their reference as it
+    # was; the worst case forces the layer-0 head out of the reference in every model (reference 0 for layer 1), and
+    # still no iteration head is functional, since none is detected (the functional criterion's own rate on random
+    # models is python -m roles.calibrate's)
+    from data.tasks import make_task
+    from roles.mapping import Batches, DetectConfig, map_heads
+    from toymodels.circuits import task_circuit
+
+    task = make_task("iteration", min_bits=1, max_bits=12, rule="polynomial", modulus=5, bos=True, copy_first=True)
+    batches = Batches(task.detection_batch(32, 1), task.batch(64, 2), task.batch(64, 3))
+    cfg = DetectConfig(n_null=0, random_groups=19)
+    forced = torch.tensor([[True], [False]])
+    functional, natural = 0, 0
+    for seed in range(30):
+        torch.manual_seed(seed)
+        std = (0.02, 32 ** -0.5, 2 * 32 ** -0.5)[seed % 3]
+        net = toymodels.ToyTransformer(toymodels.ToyTransformerConfig(
+            vocab_size=task.vocab_size, max_position_embeddings=task.seq_len, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=1, attn_only=False, initializer_range=std)).eval()
+        natural += int(task_circuit(net, task, batches.detect).partners(2, 1).any())
+        frame = map_heads(net, batches, "iteration", cfg, seed, partners=forced).table.frame
+        functional += int(frame.loc[frame["role"] == "iteration", "functional"].fillna(False).astype(bool).sum())
+    assert natural == 0
+    assert functional == 0
